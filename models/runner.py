@@ -1,0 +1,95 @@
+"""Device and precision choice, and the forward pass itself.
+
+CUDA is touched only when these functions are called, never at import, so a
+parent process that forks workers never initialises it.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+from torch import nn
+
+from models.errors import ConfigurationError, UnsupportedDtype
+from models.registry import ModelSpec
+
+__all__ = ["DTYPES", "forward", "resolve_device", "resolve_dtype", "supported_dtypes"]
+
+DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> ``cuda:0`` when CUDA is available, else ``cpu``; otherwise parse ``name``."""
+    if name == "auto":
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ConfigurationError(f"INFER_DEVICE={name!r} is not a device: use cpu, cuda:N or auto") from e
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigurationError(
+                f"INFER_DEVICE={name!r} but CUDA is not available here: use cpu, or run on a GPU host"
+            )
+        index = device.index or 0
+        if index >= torch.cuda.device_count():
+            raise ConfigurationError(
+                f"INFER_DEVICE={name!r} but only {torch.cuda.device_count()} GPU(s) are visible "
+                "(check CUDA_VISIBLE_DEVICES)"
+            )
+        return torch.device("cuda", index)
+    if device.type != "cpu":
+        raise ConfigurationError(f"INFER_DEVICE={name!r}: only cpu and cuda devices are supported")
+    return device
+
+
+def supported_dtypes(device: torch.device) -> tuple[str, ...]:
+    """Precisions this device runs well: fp32 everywhere, fp16 on CUDA, bf16 on sm80+ and CPU."""
+    if device.type != "cuda":
+        return ("fp32", "bf16")
+    major, _ = torch.cuda.get_device_capability(device)
+    return ("fp32", "fp16", "bf16") if major >= 8 else ("fp32", "fp16")
+
+
+def resolve_dtype(requested: str | None, spec: ModelSpec, device: torch.device) -> str:
+    """The compute precision for one request.
+
+    ``None``/``auto`` picks bf16 (else fp16) on a GPU when the model allows half
+    precision, and fp32 on CPU.  An explicit precision the device or model
+    cannot run raises :class:`UnsupportedDtype`.
+    """
+    supported = supported_dtypes(device)
+    if requested in (None, "auto"):
+        if device.type == "cuda" and spec.half_precision_ok:
+            return "bf16" if "bf16" in supported else "fp16"
+        return "fp32"
+    if requested not in DTYPES:
+        raise UnsupportedDtype(f"dtype {requested!r} is not one of {', '.join(DTYPES)} or auto")
+    if requested != "fp32" and not spec.half_precision_ok:
+        raise UnsupportedDtype(f"model {spec.name!r} runs only in fp32; drop dtype={requested!r}")
+    if requested not in supported:
+        raise UnsupportedDtype(
+            f"dtype {requested!r} is not supported on {device} (supported: {', '.join(supported)}); "
+            "send it to a GPU worker or ask for fp32"
+        )
+    return requested
+
+
+def forward(model: nn.Module, batch: np.ndarray, device: torch.device, dtype: str) -> tuple[np.ndarray, float]:
+    """Run one forward pass under ``torch.inference_mode()``.
+
+    Returns float32 outputs on the host and the compute time in milliseconds
+    (host-to-device copy, forward and device-to-host copy; CUDA is synchronised
+    so the figure is real).
+    """
+    started = time.perf_counter()
+    with torch.inference_mode():
+        x = torch.from_numpy(np.ascontiguousarray(batch)).to(device, non_blocking=True)
+        if x.is_floating_point():
+            x = x.to(DTYPES[dtype])
+        y = model(x).float().cpu()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return y.numpy(), (time.perf_counter() - started) * 1000.0

@@ -1,0 +1,76 @@
+"""Check a decoded input array against a model's spec (numpy only, no torch).
+
+Runs twice on purpose: in the client before publishing (so a bad request is
+refused before it costs a broker round trip) and in the worker (so a message
+sent with ``send_task`` or by a foreign producer gets the same typed error).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from models.errors import (
+    DtypeMismatch,
+    NonFiniteInput,
+    NonNumericInput,
+    PayloadTooLarge,
+    ShapeMismatch,
+    ValueOutOfRange,
+)
+from models.registry import ModelSpec
+
+__all__ = ["check_input", "check_size"]
+
+
+def check_size(nbytes: int, limit: int) -> None:
+    """Refuse payloads over ``limit`` bytes with advice on what to do instead."""
+    if nbytes > limit:
+        raise PayloadTooLarge(
+            f"input is {nbytes} bytes, over the {limit}-byte limit (INFER_MAX_PAYLOAD_BYTES): "
+            "split it into smaller batches, or put it in shared storage and pass a reference"
+        )
+
+
+def check_input(spec: ModelSpec, array: np.ndarray, max_bytes: int) -> np.ndarray:
+    """Validate ``array`` for ``spec`` and return it as a batch ``(N, *sample_shape)``.
+
+    The returned array has the model's input dtype.  Raises a subclass of
+    :class:`~models.errors.InvalidInput` or :class:`PayloadTooLarge`.
+    """
+    check_size(int(array.nbytes), max_bytes)
+    kind = array.dtype.kind
+    if kind not in "iuf":
+        raise NonNumericInput(
+            f"model {spec.name!r} needs numbers, got dtype {array.dtype.name!r}: "
+            "send a numeric array or a list of numbers"
+        )
+    dtype_name = array.dtype.name
+    if dtype_name not in spec.accepted_dtypes:
+        raise DtypeMismatch(
+            f"model {spec.name!r} takes {spec.input_dtype} input "
+            f"(accepted: {', '.join(spec.accepted_dtypes)}), got {dtype_name}: "
+            f"convert it, e.g. array.astype('{spec.input_dtype}')"
+        )
+    sample = spec.sample_shape
+    if tuple(array.shape) == sample:
+        batch = array.reshape((1, *sample))
+    elif array.ndim == len(sample) + 1 and tuple(array.shape[1:]) == sample and array.shape[0] > 0:
+        batch = array
+    else:
+        raise ShapeMismatch(
+            f"model {spec.name!r} takes one sample of shape {list(sample)} or a batch "
+            f"[N, {', '.join(map(str, sample))}], got shape {list(array.shape)}"
+        )
+    if kind == "f" and not bool(np.isfinite(batch).all()):
+        raise NonFiniteInput(
+            f"model {spec.name!r} refuses NaN and infinity; "
+            f"{int((~np.isfinite(batch)).sum())} value(s) are not finite: clean or impute them first"
+        )
+    if spec.value_range is not None:
+        low, high = spec.value_range
+        if batch.size and (int(batch.min()) < low or int(batch.max()) >= high):
+            raise ValueOutOfRange(
+                f"model {spec.name!r} takes integers in [{low}, {high}), "
+                f"got values in [{int(batch.min())}, {int(batch.max())}]"
+            )
+    return batch.astype(spec.input_dtype, copy=False)

@@ -1,0 +1,11 @@
+"""Celery app and tasks for distributed PyTorch inference.
+
+Application code needs only ``from tasks import app, infer`` and stock Celery
+calls.  Importing this package neither connects to a broker nor imports torch.
+"""
+
+from tasks.app import app
+from tasks.diagnostics import noop, sleep
+from tasks.inference import infer
+
+__all__ = ["app", "infer", "noop", "sleep"]

@@ -1,0 +1,48 @@
+"""The Celery app.  ``celery -A tasks`` finds it as ``tasks.app``.
+
+Configuration is lazy: the environment is read the first time the app's
+configuration is needed (``add_defaults`` with a callable), not at import, and
+nothing connects to a broker until a task is sent or a worker starts.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from celery import Celery
+from celery.signals import before_task_publish
+
+from tasks.settings import Settings
+
+__all__ = ["SENT_AT_HEADER", "InferenceApp", "app"]
+
+# Wall-clock publish time, added to every task message so the worker can
+# report queue wait (meaningful across hosts when their clocks are synced).
+SENT_AT_HEADER = "infer_sent_at"
+
+
+class InferenceApp(Celery):  # type: ignore[misc]
+    """A Celery app whose configuration comes from one :class:`Settings` object."""
+
+    def __init__(self, settings: Settings | None = None, **kwargs: Any) -> None:
+        super().__init__("tasks", **kwargs)
+        self._infer_settings = settings
+        self.add_defaults(lambda: self.infer_settings.celery_config())
+
+    @property
+    def infer_settings(self) -> Settings:
+        """The settings, read from the environment on first use unless given."""
+        if self._infer_settings is None:
+            self._infer_settings = Settings.from_env()
+        return self._infer_settings
+
+
+app = InferenceApp()
+app.conf.include = ["tasks.inference", "tasks.diagnostics", "tasks.worker"]
+
+
+@before_task_publish.connect
+def _stamp_sent_at(headers: dict[str, Any] | None = None, **_: Any) -> None:
+    if headers is not None:
+        headers.setdefault(SENT_AT_HEADER, time.time())

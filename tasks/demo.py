@@ -1,0 +1,125 @@
+"""``make demo``: start two workers, serve every model through Celery, check, shut down.
+
+Runs on the embedded broker unless CELERY_BROKER_URL / CELERY_RESULT_BACKEND
+point at RabbitMQ and Redis.  Two CPU workers pose as separate devices
+(``cpu0`` and ``cpu1``); requests go to each worker's own queue and to the
+shared ``cpu`` queue.  Every served output is compared with an in-process
+forward pass on the same weights.  Exits non-zero on any mismatch.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from models.errors import InferenceError
+from models.registry import SPECS, ModelSpec
+from tasks.app import app
+from tasks.client import outputs
+from tasks.diagnostics import noop
+from tasks.inference import infer
+from tasks.launcher import WorkerProcess
+
+__all__ = ["main", "sample_inputs"]
+
+
+def sample_inputs(spec: ModelSpec, batch: int, seed: int) -> np.ndarray:
+    """Random inputs of the right shape and dtype for ``spec`` (deterministic per seed)."""
+    rng = np.random.default_rng(seed)
+    shape = (batch, *spec.sample_shape)
+    if spec.value_range is not None:
+        return rng.integers(*spec.value_range, size=shape, dtype=np.int64)
+    return rng.standard_normal(shape, dtype=np.float32)
+
+
+def _reference(spec: ModelSpec, batch: np.ndarray, weights: Path) -> np.ndarray:
+    import torch
+
+    from models.loader import load_model
+    from models.runner import forward
+
+    model = load_model(spec, weights, torch.device("cpu"), torch.float32)
+    return forward(model, batch, torch.device("cpu"), "fp32")[0]
+
+
+def main() -> int:
+    console = Console(width=None if sys.stdout.isatty() else 110)
+    settings = app.infer_settings
+    console.print(f"[bold]demo[/bold]: {settings.describe()}")
+    assert settings.weights_dir is not None
+    if not all((settings.weights_dir / s.weights_file).is_file() for s in SPECS.values()):
+        from models.loader import build_weights
+
+        build_weights(settings.weights_dir)
+    run = uuid.uuid4().hex[:6]
+    # Own queues per run: a demo never picks up a message left by another run.
+    shared = f"demo-{run}"
+    logdir = Path(tempfile.mkdtemp(prefix="infer-demo-"))
+    names = [f"cpu0-{run}", f"cpu1-{run}"]
+    workers = [
+        WorkerProcess(names[0], "cpu", logdir=logdir, queues=[names[0], shared], preload=("mlp", "cnn")),
+        WorkerProcess(names[1], "cpu", logdir=logdir, queues=[names[1], shared], preload=("transformer",)),
+    ]
+    failures = 0
+    try:
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.wait_ready()
+        for w in workers:  # the pool child preloads models before its first task
+            noop.apply_async(queue=w.name).get(timeout=120, interval=0.01)
+        console.print(f"workers up and warm: {', '.join(w.hostname for w in workers)} (logs in {logdir})")
+        jobs: list[tuple[str, int, str, np.ndarray, Any, float]] = []
+        seed = 0
+        for spec in SPECS.values():
+            for batch, queue in ((1, names[0]), (4, names[1]), (8, shared)):
+                seed += 1
+                x = sample_inputs(spec, batch, seed)
+                sent = time.perf_counter()
+                jobs.append((spec.name, batch, queue, x, infer.apply_async((spec.name, x), queue=queue), sent))
+        done = [(res.get(timeout=120, interval=0.005), time.perf_counter()) for *_, res, _ in jobs]
+        table = Table(title="every model: apply_async -> broker -> worker -> result backend")
+        for col in ("model", "batch", "queue", "worker", "device", "rtt ms", "queue ms", "compute ms",
+                    "match"):
+            table.add_column(col, justify="right" if col.endswith("ms") else "left")
+        for (name, batch, queue, x, _, sent), (got, arrived) in zip(jobs, done, strict=True):
+            ok = np.allclose(outputs(got), _reference(SPECS[name], x, settings.weights_dir), atol=1e-5)
+            failures += not ok
+            t = got["timing"]
+            table.add_row(
+                name, str(batch), "shared" if queue == shared else queue.split("-")[0],
+                got["worker"].split("-")[0], got["device"], f"{(arrived - sent) * 1000:.1f}",
+                f"{t['queue_wait_ms']:.1f}", f"{t['compute_ms']:.2f}",
+                "[green]yes[/green]" if ok else "[red]NO[/red]",
+            )
+        console.print(table)
+        console.print("rtt: all requests in flight at once, so it includes waiting behind the others")
+        try:
+            infer.apply_async(("resnet9000", [0.0]), queue=shared)
+        except InferenceError as e:
+            console.print(f"bad input refused before publishing: {type(e).__name__}: {e}")
+    finally:
+        for w in workers:
+            w.stop()
+        with app.connection_for_write() as conn:  # leave no queues behind on the broker
+            for queue in (*names, shared):
+                conn.default_channel.queue_delete(queue)
+    stray = [w.name for w in workers if w.alive()]
+    console.print(f"workers stopped; stray processes: {stray or 'none'}")
+    if failures or stray:
+        console.print(f"[red]demo failed: {failures} mismatches, stray {stray}[/red]")
+        return 1
+    console.print("[green]demo ok[/green]: every served output matches its in-process forward pass")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,33 @@
+"""Diagnostic tasks for operators and benchmarks: a no-op and a bounded sleep.
+
+``tasks.diag.noop`` measures the deployment's own overhead (same app,
+settings and queues as ``tasks.infer``, no model).  ``tasks.diag.sleep``
+stands in for a long inference when testing redelivery.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from models.errors import RequestError
+from tasks.app import app
+
+__all__ = ["noop", "sleep"]
+
+
+@app.task(bind=True, name="tasks.diag.noop")
+def noop(self: Any) -> str:
+    """Return the worker's node name and do nothing else."""
+    return str(self.request.hostname)
+
+
+@app.task(bind=True, name="tasks.diag.sleep")
+def sleep(self: Any, seconds: float) -> dict[str, Any]:
+    """Sleep ``seconds`` (below the soft time limit); report who ran it and whether redelivered."""
+    limit = app.infer_settings.task_soft_time_limit
+    if not isinstance(seconds, int | float) or not 0 <= seconds < limit:
+        raise RequestError(f"seconds must be a number in [0, {limit}) (INFER_TASK_SOFT_TIME_LIMIT)")
+    time.sleep(seconds)
+    info = self.request.delivery_info or {}
+    return {"worker": self.request.hostname, "redelivered": bool(info.get("redelivered"))}

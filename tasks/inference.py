@@ -1,0 +1,110 @@
+"""The inference task: decode -> check -> models -> encode.  Thin on purpose.
+
+``infer(model, inputs, dtype=None)`` takes one sample or a batch and returns::
+
+    {"model": "cnn", "outputs": {dtype, shape, data}, "batch_size": 4,
+     "worker": "cpu0@host", "device": "cpu", "dtype": "fp32",
+     "timing": {"queue_wait_ms": .., "compute_ms": .., "service_ms": .., "total_ms": ..}}
+
+Bad requests raise a :class:`models.errors.RequestError` subclass; Celery
+records it as the task's failure (no retry: retrying cannot help) and the
+worker carries on with the next message.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from celery import Task
+
+from models.errors import RequestError, UnsupportedDtype
+from models.registry import get_spec
+from models.validation import check_input, check_size
+from tasks.app import SENT_AT_HEADER, app
+from tasks.codec import decode, encode, to_array
+
+__all__ = ["InferenceTask", "infer"]
+
+COMPUTE_DTYPES = (None, "auto", "fp32", "fp16", "bf16")
+
+
+class InferenceTask(Task):  # type: ignore[misc]
+    """Base for inference tasks: checks and encodes inputs in the caller before publishing.
+
+    ``infer.apply_async(("cnn", array))`` accepts a numpy array or a torch
+    tensor and sends it as an envelope; an unknown model, a wrong shape or
+    dtype, NaN/inf or an oversized payload raises here, before anything
+    reaches the broker.  ``app.send_task("tasks.infer", ...)`` skips these
+    client checks; the worker then raises the same errors.
+    """
+
+    typing = True  # wrong arguments raise TypeError at call time
+    # Expected, caller-caused failures: stored as the task failure, logged
+    # without a traceback, never retried.
+    throws = (RequestError,)
+
+    def apply_async(
+        self, args: tuple[Any, ...] | list[Any] | None = None, kwargs: dict[str, Any] | None = None,
+        **options: Any,
+    ) -> Any:
+        args, kwargs = prepare_request(list(args or ()), dict(kwargs or {}))
+        return super().apply_async(args, kwargs, **options)
+
+
+def prepare_request(args: list[Any], kwargs: dict[str, Any]) -> tuple[list[Any], dict[str, Any]]:
+    """Validate an ``infer`` call and encode array inputs; return the (args, kwargs) to publish."""
+    settings = app.infer_settings
+    model = args[0] if args else kwargs.get("model")
+    in_args = len(args) > 1
+    inputs = args[1] if in_args else kwargs.get("inputs")
+    dtype = args[2] if len(args) > 2 else kwargs.get("dtype")
+    spec = get_spec(model)
+    if dtype not in COMPUTE_DTYPES:
+        raise UnsupportedDtype(f"dtype {dtype!r} is not one of fp32, fp16, bf16 or auto")
+    array = to_array(inputs)
+    if array is not None:
+        check_input(spec, array, settings.max_payload_bytes)
+        inputs = encode(array, binary=settings.binary_tensors)
+    else:
+        check_input(spec, decode(inputs, settings.max_payload_bytes), settings.max_payload_bytes)
+    if in_args:
+        args[1] = inputs
+    else:
+        kwargs["inputs"] = inputs
+    return args, kwargs
+
+
+@app.task(bind=True, base=InferenceTask, name="tasks.infer")
+def infer(self: InferenceTask, model: str, inputs: Any, dtype: str | None = None) -> dict[str, Any]:
+    """Run ``model`` on ``inputs`` (one sample or a batch) on this worker's device."""
+    from models.runner import forward, resolve_dtype
+    from tasks.worker import get_runtime
+
+    started = time.time()
+    settings = app.infer_settings
+    spec = get_spec(model)
+    if dtype not in COMPUTE_DTYPES:
+        raise UnsupportedDtype(f"dtype {dtype!r} is not one of fp32, fp16, bf16 or auto")
+    batch = check_input(spec, decode(inputs, settings.max_payload_bytes), settings.max_payload_bytes)
+    runtime = get_runtime()
+    precision = resolve_dtype(dtype, spec, runtime.device)
+    outputs, compute_ms = forward(runtime.model(spec, precision), batch, runtime.device, precision)
+    check_size(outputs.nbytes, settings.max_payload_bytes)
+    finished = time.time()
+    sent_at = getattr(self.request, SENT_AT_HEADER, None)
+    sent = float(sent_at) if isinstance(sent_at, int | float) else started
+    return {
+        "model": spec.name,
+        "outputs": encode(outputs, binary=settings.binary_tensors),
+        "batch_size": int(batch.shape[0]),
+        "worker": self.request.hostname,
+        "device": str(runtime.device),
+        "dtype": precision,
+        "timing": {
+            "queue_wait_ms": max(0.0, (started - sent) * 1000.0),
+            "compute_ms": compute_ms,
+            "service_ms": (finished - started) * 1000.0,
+            "total_ms": max(0.0, (finished - sent) * 1000.0),
+        },
+    }

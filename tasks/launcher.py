@@ -1,0 +1,125 @@
+"""Start and stop real ``celery worker`` subprocesses (demo, tests, benchmarks).
+
+Each worker runs in its own process session, so stopping it (or killing it
+with ``kill -9`` in a fault test) reaches the prefork children too and never
+leaves a stray process behind.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from types import TracebackType
+
+from tasks.worker import worker_argv
+
+__all__ = ["WorkerProcess"]
+
+
+class WorkerProcess:
+    """One ``celery -A tasks worker`` bound to ``device``, consuming its own queue."""
+
+    def __init__(
+        self,
+        name: str,
+        device: str = "cpu",
+        *,
+        logdir: Path,
+        env: Mapping[str, str] | None = None,
+        queues: list[str] | None = None,
+        preload: tuple[str, ...] = (),
+    ) -> None:
+        self.name = name
+        self.device = device
+        self.logfile = logdir / f"worker-{name}.log"
+        self.queues = queues
+        self.env = dict(os.environ if env is None else env)
+        self.env["INFER_DEVICE"] = device
+        self.env["INFER_PRELOAD"] = ",".join(preload)
+        self.env.setdefault("PYTHONUNBUFFERED", "1")
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def hostname(self) -> str:
+        """The node name Celery reports, e.g. ``cpu0@myhost``."""
+        return f"{self.name}@{os.uname().nodename}"
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None, "worker not started"
+        return self.proc.pid
+
+    def start(self) -> WorkerProcess:
+        self.logfile.parent.mkdir(parents=True, exist_ok=True)
+        self.logfile.write_text("")
+        argv = worker_argv(self.name, self.device, self.queues)
+        cmd = [sys.executable, "-m", "celery", *argv[1:], "--logfile", str(self.logfile)]
+        self.proc = subprocess.Popen(
+            cmd, env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        return self
+
+    def wait_ready(self, timeout: float = 90.0) -> WorkerProcess:
+        """Block until the worker logs ``ready.``; raise with its log tail if it dies first."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"worker {self.name} exited with {self.proc.returncode}:\n{self.log_tail()}")
+            if any("ready." in line and f"{self.name}@" in line for line in self._lines()):
+                return self
+            time.sleep(0.1)
+        raise TimeoutError(f"worker {self.name} not ready after {timeout}s:\n{self.log_tail()}")
+
+    def _lines(self) -> list[str]:
+        try:
+            return self.logfile.read_text(errors="replace").splitlines()
+        except FileNotFoundError:
+            return []
+
+    def log_tail(self, lines: int = 40) -> str:
+        return "\n".join(self._lines()[-lines:])
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self) -> None:
+        """``kill -9`` the worker and its pool children at once, like a lost machine."""
+        self._signal_group(signal.SIGKILL)
+        if self.proc is not None:
+            self.proc.wait(timeout=10)
+
+    def stop(self, timeout: float = 20.0) -> int | None:
+        """Warm shutdown (SIGTERM: finish the current task), then SIGKILL if it hangs."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self._signal_group(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self._signal_group(signal.SIGKILL)
+                self.proc.wait(timeout=10)
+        self._signal_group(signal.SIGKILL)  # any child that outlived its parent
+        return self.proc.returncode
+
+    def _signal_group(self, sig: signal.Signals) -> None:
+        if self.proc is None:
+            return
+        try:
+            os.killpg(self.proc.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def __enter__(self) -> WorkerProcess:
+        return self.start().wait_ready()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()

@@ -1,0 +1,227 @@
+"""One typed settings object, read once from the environment and passed around.
+
+Standard Celery variables keep their names (``CELERY_BROKER_URL``,
+``CELERY_RESULT_BACKEND``); everything of our own uses the ``INFER_`` prefix.
+With no broker configured the deployment runs on an embedded broker: kombu's
+filesystem transport plus Celery's file result backend under ``INFER_HOME``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from models.errors import ConfigurationError
+from models.registry import get_spec
+
+__all__ = ["Settings"]
+
+SERIALIZERS = ("msgpack", "json")  # pickle is never accepted, on purpose
+
+
+def _int(env: Mapping[str, str], key: str, default: int, minimum: int = 1) -> int:
+    raw = env.get(key)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError as e:
+        raise ConfigurationError(f"{key}={raw!r} is not an integer") from e
+    if value < minimum:
+        raise ConfigurationError(f"{key}={value} must be at least {minimum}")
+    return value
+
+
+def _float(env: Mapping[str, str], key: str, default: float) -> float:
+    raw = env.get(key)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError as e:
+        raise ConfigurationError(f"{key}={raw!r} is not a number") from e
+    if value <= 0:
+        raise ConfigurationError(f"{key}={value} must be positive")
+    return value
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every knob of the deployment, typed, with its default.
+
+    ================================  =========================================  ==============
+    environment variable              meaning                                    default
+    ================================  =========================================  ==============
+    CELERY_BROKER_URL                 amqp://... (RabbitMQ); unset = embedded    embedded
+    CELERY_RESULT_BACKEND             redis://...; unset = embedded file store   embedded
+    INFER_HOME                        local state: embedded broker, results      ./var
+    INFER_WEIGHTS_DIR                 safetensors weights folder                 $INFER_HOME/weights
+    INFER_SERIALIZER                  msgpack or json (never pickle)             msgpack
+    INFER_MAX_PAYLOAD_BYTES           largest accepted input tensor              8388608
+    INFER_DEVICE                      cpu, cuda:N or auto                        auto
+    INFER_PRELOAD                     comma-separated models loaded at start     (none)
+    INFER_CACHE_BUDGET_MB             model cache budget per worker              1024
+    INFER_PREFETCH_MULTIPLIER         messages reserved per pool slot            1
+    INFER_TASK_TIME_LIMIT             hard limit per task, seconds               300
+    INFER_TASK_SOFT_TIME_LIMIT        soft limit per task, seconds               280
+    INFER_RABBITMQ_CONSUMER_TIMEOUT   the broker's consumer_timeout, seconds     1800
+    INFER_RESULT_EXPIRES              results kept in the backend, seconds       3600
+    INFER_WORKER_INIT_TIMEOUT         time allowed for a pool child to preload   120
+    INFER_EMBEDDED_POLL_INTERVAL      embedded broker polling period, seconds    0.02
+    ================================  =========================================  ==============
+    """
+
+    broker_url: str | None = None
+    result_backend: str | None = None
+    home: Path = field(default_factory=lambda: Path("var").resolve())
+    weights_dir: Path | None = None
+    serializer: str = "msgpack"
+    max_payload_bytes: int = 8 * 1024 * 1024
+    device: str = "auto"
+    preload: tuple[str, ...] = ()
+    cache_budget_mb: int = 1024
+    prefetch_multiplier: int = 1
+    task_time_limit: int = 300
+    task_soft_time_limit: int = 280
+    rabbitmq_consumer_timeout: int = 1800
+    result_expires: int = 3600
+    worker_init_timeout: float = 120.0
+    embedded_poll_interval: float = 0.02
+
+    def __post_init__(self) -> None:
+        if self.serializer not in SERIALIZERS:
+            raise ConfigurationError(
+                f"INFER_SERIALIZER={self.serializer!r}: use one of {', '.join(SERIALIZERS)}; "
+                "pickle is refused because it executes code from the wire"
+            )
+        if self.task_soft_time_limit >= self.task_time_limit:
+            raise ConfigurationError(
+                f"INFER_TASK_SOFT_TIME_LIMIT ({self.task_soft_time_limit}s) must be below "
+                f"INFER_TASK_TIME_LIMIT ({self.task_time_limit}s)"
+            )
+        if self.task_time_limit >= self.rabbitmq_consumer_timeout:
+            raise ConfigurationError(
+                f"INFER_TASK_TIME_LIMIT ({self.task_time_limit}s) must be below RabbitMQ's "
+                f"consumer_timeout ({self.rabbitmq_consumer_timeout}s), or the broker closes the "
+                "channel of a worker still running a task: lower the limit or raise consumer_timeout"
+            )
+        for name in self.preload:
+            get_spec(name)  # UnknownModel names the valid choices
+        if self.weights_dir is None:
+            object.__setattr__(self, "weights_dir", self.home / "weights")
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Build settings from ``env`` (default: ``os.environ``)."""
+        env = os.environ if env is None else env
+        home = Path(env.get("INFER_HOME") or "var").resolve()
+        weights = env.get("INFER_WEIGHTS_DIR")
+        return cls(
+            broker_url=env.get("CELERY_BROKER_URL") or None,
+            result_backend=env.get("CELERY_RESULT_BACKEND") or None,
+            home=home,
+            weights_dir=Path(weights).resolve() if weights else None,
+            serializer=env.get("INFER_SERIALIZER", "msgpack"),
+            max_payload_bytes=_int(env, "INFER_MAX_PAYLOAD_BYTES", cls.max_payload_bytes),
+            device=env.get("INFER_DEVICE", "auto"),
+            preload=tuple(n.strip() for n in env.get("INFER_PRELOAD", "").split(",") if n.strip()),
+            cache_budget_mb=_int(env, "INFER_CACHE_BUDGET_MB", cls.cache_budget_mb),
+            prefetch_multiplier=_int(env, "INFER_PREFETCH_MULTIPLIER", cls.prefetch_multiplier),
+            task_time_limit=_int(env, "INFER_TASK_TIME_LIMIT", cls.task_time_limit),
+            task_soft_time_limit=_int(env, "INFER_TASK_SOFT_TIME_LIMIT", cls.task_soft_time_limit),
+            rabbitmq_consumer_timeout=_int(
+                env, "INFER_RABBITMQ_CONSUMER_TIMEOUT", cls.rabbitmq_consumer_timeout
+            ),
+            result_expires=_int(env, "INFER_RESULT_EXPIRES", cls.result_expires),
+            worker_init_timeout=_float(env, "INFER_WORKER_INIT_TIMEOUT", cls.worker_init_timeout),
+            embedded_poll_interval=_float(
+                env, "INFER_EMBEDDED_POLL_INTERVAL", cls.embedded_poll_interval
+            ),
+        )
+
+    @property
+    def embedded(self) -> bool:
+        """True when no broker is configured and the filesystem transport is used."""
+        return self.broker_url is None
+
+    @property
+    def broker(self) -> str:
+        return self.broker_url or "filesystem://"
+
+    @property
+    def backend(self) -> str:
+        return self.result_backend or f"file://{self.home / 'results'}"
+
+    @property
+    def binary_tensors(self) -> bool:
+        """msgpack carries raw bytes; json needs base64."""
+        return self.serializer == "msgpack"
+
+    def describe(self) -> str:
+        """One line saying which broker and backend are in use, for start-up banners."""
+        if self.embedded:
+            where = f"embedded broker (kombu filesystem transport) under {self.home / 'broker'}"
+        else:
+            where = f"broker {_redact(self.broker)}"
+        return f"{where}; results in {_redact(self.backend)}; serializer {self.serializer}"
+
+    def ensure_dirs(self) -> None:
+        """Create the local folders the embedded broker and file backend need."""
+        for sub in ("broker/queue", "broker/control", "results"):
+            (self.home / sub).mkdir(parents=True, exist_ok=True)
+
+    def celery_config(self) -> dict[str, Any]:
+        """The Celery configuration these settings stand for."""
+        transport_options: dict[str, Any] = {}
+        if self.embedded:
+            self.ensure_dirs()
+            queue = str(self.home / "broker" / "queue")
+            transport_options = {
+                "data_folder_in": queue,
+                "data_folder_out": queue,
+                "control_folder": str(self.home / "broker" / "control"),
+                "polling_interval": self.embedded_poll_interval,
+            }
+        elif self.broker.startswith(("amqp", "pyamqp")):
+            # Wait for the broker's ack of every publish: a message is either
+            # confirmed on the broker or the publish raises.
+            transport_options = {"confirm_publish": True}
+        elif self.result_backend is None:
+            self.ensure_dirs()
+        return {
+            "broker_url": self.broker,
+            "result_backend": self.backend,
+            "broker_transport_options": transport_options,
+            "broker_connection_retry_on_startup": True,
+            "task_serializer": self.serializer,
+            "result_serializer": self.serializer,
+            "accept_content": list(SERIALIZERS),
+            "result_accept_content": list(SERIALIZERS),
+            "event_serializer": "json",
+            "task_acks_late": True,
+            "task_reject_on_worker_lost": True,
+            "worker_prefetch_multiplier": self.prefetch_multiplier,
+            "task_time_limit": self.task_time_limit,
+            "task_soft_time_limit": self.task_soft_time_limit,
+            "result_expires": self.result_expires,
+            "result_extended": True,
+            "task_track_started": True,
+            "task_default_queue": "cpu",
+            "task_send_sent_event": True,
+            "worker_send_task_events": True,
+            "worker_proc_alive_timeout": self.worker_init_timeout,
+            "broker_channel_error_retry": True,
+        }
+
+
+def _redact(url: str) -> str:
+    """Hide the password in ``scheme://user:password@host`` URLs."""
+    scheme, sep, rest = url.partition("://")
+    creds, at, host = rest.rpartition("@")
+    if not sep or not at or ":" not in creds:
+        return url
+    return f"{scheme}://{creds.split(':', 1)[0]}:***@{host}"
+

@@ -1,0 +1,156 @@
+"""Worker lifecycle: the device this process is bound to, its model cache, preloading.
+
+Pool choice: device workers run Celery's prefork pool with one child
+(``-P prefork -c 1``).  The parent never imports CUDA; the child creates the
+runtime (device, cache, models) in ``worker_process_init`` or on its first
+task.  Prefork is the only Celery pool that enforces ``task_time_limit`` (it
+kills the child), and a crash in native code (a CUDA fault, an OOM kill) takes
+down only the child: the parent reports it, respawns a child, and
+``task_reject_on_worker_lost`` sends the message back to the queue.  A
+``solo``/``threads`` pool also works (the runtime is then built in the main
+process, which never forks), but without enforced hard time limits.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+from typing import TYPE_CHECKING, Any
+
+from celery.signals import celeryd_after_setup, worker_init, worker_process_init
+
+from models.registry import ModelSpec, get_spec
+from tasks.app import app
+from tasks.settings import Settings
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+__all__ = ["WorkerRuntime", "get_runtime", "main", "worker_argv"]
+
+log = logging.getLogger(__name__)
+
+
+class WorkerRuntime:
+    """Everything one worker process needs to run models on its device."""
+
+    def __init__(self, settings: Settings) -> None:
+        from models.cache import ModelCache
+        from models.loader import size_of
+        from models.runner import resolve_device
+
+        self.settings = settings
+        self.device: torch.device = resolve_device(settings.device)
+        self.cache: ModelCache[tuple[str, str], nn.Module] = ModelCache(
+            settings.cache_budget_mb * 1024 * 1024, load=self._load, size_of=size_of
+        )
+
+    def _load(self, key: tuple[str, str]) -> nn.Module:
+        from models.loader import load_model
+        from models.runner import DTYPES
+
+        name, dtype = key
+        assert self.settings.weights_dir is not None
+        return load_model(get_spec(name), self.settings.weights_dir, self.device, DTYPES[dtype])
+
+    def model(self, spec: ModelSpec, dtype: str) -> nn.Module:
+        """The cached module for ``spec`` in precision ``dtype`` (loaded on a miss)."""
+        return self.cache.get((spec.name, dtype))
+
+    def preload(self, names: tuple[str, ...]) -> None:
+        """Load each model in its default precision for this device."""
+        from models.runner import resolve_dtype
+
+        for name in names:
+            spec = get_spec(name)
+            self.model(spec, resolve_dtype(None, spec, self.device))
+        if names:
+            log.info("preloaded %s on %s", ", ".join(names), self.device)
+
+
+_runtime: WorkerRuntime | None = None
+_runtime_lock = threading.Lock()
+
+
+def get_runtime() -> WorkerRuntime:
+    """This process's runtime, created on first use (never in a parent that forks)."""
+    global _runtime
+    with _runtime_lock:
+        if _runtime is None:
+            _runtime = WorkerRuntime(app.infer_settings)
+        return _runtime
+
+
+def _preload() -> None:
+    settings = app.infer_settings
+    get_runtime().preload(settings.preload)
+
+
+@celeryd_after_setup.connect
+def _announce(sender: str, instance: Any, **_: Any) -> None:
+    settings = app.infer_settings
+    line = f"[{sender}] device={settings.device} preload={','.join(settings.preload) or '-'}; {settings.describe()}"
+    log.warning(line)  # WARNING so it shows at any log level
+
+
+@worker_init.connect
+def _preload_in_main(sender: Any = None, **_: Any) -> None:
+    # prefork children preload in worker_process_init; every other pool runs
+    # tasks in this very process, which never forks, so load here.
+    pool = getattr(sender, "pool_cls", None)
+    pool_name = pool if isinstance(pool, str) else getattr(pool, "__module__", "")
+    if "prefork" not in str(pool_name):
+        _preload()
+
+
+@worker_process_init.connect
+def _preload_in_child(**_: Any) -> None:
+    _preload()
+
+
+def worker_argv(
+    name: str, device: str, queues: list[str] | None = None, loglevel: str = "INFO"
+) -> list[str]:
+    """The ``celery worker`` command line for a worker bound to ``device``.
+
+    ``name`` is both the node name prefix (``gpu0@host``) and its own queue;
+    the worker also consumes the shared queue of its device class
+    (``cpu`` or ``gpu``) unless ``queues`` says otherwise.  compose.yaml uses
+    exactly this command.
+    """
+    device_class = "gpu" if device.startswith("cuda") else "cpu"
+    queues = queues or list(dict.fromkeys([name, device_class]))
+    return [
+        "celery", "-A", "tasks", "worker",
+        "-n", f"{name}@%h",
+        "-Q", ",".join(queues),
+        "-P", "prefork", "-c", "1",
+        "-E", "--without-gossip", "--without-mingle",
+        "-l", loglevel,
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m tasks.worker --name cpu0 --device cpu``: exec the celery worker."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m tasks.worker", description=main.__doc__)
+    parser.add_argument("--name", default="cpu0", help="node name and own queue, e.g. gpu0 or cpu1")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda:N or auto")
+    parser.add_argument("--print", action="store_true", help="print the command instead of running it")
+    args = parser.parse_args(argv)
+    cmd = worker_argv(args.name, args.device)
+    print(" ".join(cmd), flush=True)
+    if args.print:
+        return 0
+    os.environ["INFER_DEVICE"] = args.device
+    # Run celery with this interpreter, so a virtualenv need not be on PATH.
+    os.execv(sys.executable, [sys.executable, "-m", "celery", *cmd[1:]])  # noqa: S606
+    return 1  # pragma: no cover - exec does not return
+
+
+if __name__ == "__main__":
+    sys.exit(main())
