@@ -46,7 +46,7 @@ test: lint $(WEIGHTS)
 	$(PY) -m pytest
 
 bench: $(WEIGHTS)
-	$(PY) -m benchmarks
+	$(PY) -m benchmarks --json var/bench/latest.json
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

@@ -13,7 +13,9 @@ from models.registry import SPECS
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m models", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    build = sub.add_parser("build", help="write <name>.safetensors for each model (seeded, deterministic)")
+    build = sub.add_parser(
+        "build", help="write <name>.safetensors for each model (seeded, deterministic)"
+    )
     build.add_argument(
         "--dir",
         type=Path,
@@ -27,8 +29,10 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command == "list":
         for spec in SPECS.values():
-            print(f"{spec.name:12} in={list(spec.sample_shape)} {spec.input_dtype:8} "
-                  f"out={list(spec.output_shape)}  {spec.description}")
+            print(
+                f"{spec.name:12} in={list(spec.sample_shape)} {spec.input_dtype:8} "
+                f"out={list(spec.output_shape)}  {spec.description}"
+            )
         return 0
 
     from models.loader import build_weights  # imports torch: only for this command

@@ -107,7 +107,10 @@ class ModelCache(Generic[K, V]):
         self.stats.evictions += 1
         log.warning(
             "evicted model %r from cache (%s); %d of %d bytes in use",
-            key, reason, self.used_bytes, self.budget_bytes,
+            key,
+            reason,
+            self.used_bytes,
+            self.budget_bytes,
         )
         if self._on_evict is not None:
             self._on_evict(key)

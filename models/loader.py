@@ -21,7 +21,14 @@ from torch import nn
 from models.errors import ModelLoadError, UnsafeWeightsFile
 from models.registry import ModelSpec, get_spec, model_names
 
-__all__ = ["PICKLE_SUFFIXES", "build_weights", "instantiate", "load_model", "seeded_state", "size_of"]
+__all__ = [
+    "PICKLE_SUFFIXES",
+    "build_weights",
+    "instantiate",
+    "load_model",
+    "seeded_state",
+    "size_of",
+]
 
 log = logging.getLogger(__name__)
 
@@ -48,12 +55,15 @@ def seeded_state(spec: ModelSpec) -> dict[str, torch.Tensor]:
         model = instantiate(spec)
         for layer in model.modules():
             if isinstance(layer, nn.BatchNorm2d):
-                layer.running_mean.uniform_(-0.1, 0.1)  # type: ignore[operator]
-                layer.running_var.uniform_(0.5, 1.5)  # type: ignore[operator]
+                assert layer.running_mean is not None and layer.running_var is not None
+                layer.running_mean.uniform_(-0.1, 0.1)
+                layer.running_var.uniform_(0.5, 1.5)
         return {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
 
 
-def build_weights(weights_dir: Path, names: list[str] | None = None, force: bool = False) -> list[Path]:
+def build_weights(
+    weights_dir: Path, names: list[str] | None = None, force: bool = False
+) -> list[Path]:
     """Write ``<name>.safetensors`` for each model (all by default); return the files written."""
     weights_dir.mkdir(parents=True, exist_ok=True)
     written = []
@@ -86,7 +96,9 @@ def _refuse_unsafe(path: Path) -> None:
         )
 
 
-def load_model(spec: ModelSpec, weights_dir: Path, device: torch.device, dtype: torch.dtype) -> nn.Module:
+def load_model(
+    spec: ModelSpec, weights_dir: Path, device: torch.device, dtype: torch.dtype
+) -> nn.Module:
     """Build ``spec``'s module, load its safetensors weights strictly, place it on ``device``."""
     path = weights_dir / spec.weights_file
     if not path.is_file():

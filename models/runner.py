@@ -17,7 +17,11 @@ from models.registry import ModelSpec
 
 __all__ = ["DTYPES", "forward", "resolve_device", "resolve_dtype", "supported_dtypes"]
 
-DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPES: dict[str, torch.dtype] = {
+    "fp32": torch.float32,
+    "fp16": torch.float16,
+    "bf16": torch.bfloat16,
+}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -27,7 +31,9 @@ def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError as e:
-        raise ConfigurationError(f"INFER_DEVICE={name!r} is not a device: use cpu, cuda:N or auto") from e
+        raise ConfigurationError(
+            f"INFER_DEVICE={name!r} is not a device: use cpu, cuda:N or auto"
+        ) from e
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ConfigurationError(
@@ -77,7 +83,9 @@ def resolve_dtype(requested: str | None, spec: ModelSpec, device: torch.device) 
     return requested
 
 
-def forward(model: nn.Module, batch: np.ndarray, device: torch.device, dtype: str) -> tuple[np.ndarray, float]:
+def forward(
+    model: nn.Module, batch: np.ndarray, device: torch.device, dtype: str
+) -> tuple[np.ndarray, float]:
     """Run one forward pass under ``torch.inference_mode()``.
 
     Returns float32 outputs on the host and the compute time in milliseconds

@@ -22,7 +22,7 @@ __all__ = ["SENT_AT_HEADER", "InferenceApp", "app"]
 SENT_AT_HEADER = "infer_sent_at"
 
 
-class InferenceApp(Celery):  # type: ignore[misc]
+class InferenceApp(Celery):
     """A Celery app whose configuration comes from one :class:`Settings` object."""
 
     def __init__(self, settings: Settings | None = None, **kwargs: Any) -> None:

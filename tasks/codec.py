@@ -19,7 +19,9 @@ from models.errors import MalformedPayload, NonNumericInput, PayloadTooLarge
 
 __all__ = ["WIRE_DTYPES", "decode", "encode", "to_array"]
 
-WIRE_DTYPES = frozenset({"float16", "float32", "float64", "int8", "int16", "int32", "int64", "uint8"})
+WIRE_DTYPES = frozenset(
+    {"float16", "float32", "float64", "int8", "int16", "int32", "int64", "uint8"}
+)
 _KEYS = {"dtype", "shape", "data"}
 
 
@@ -102,9 +104,13 @@ def _decode_envelope(payload: dict[str, Any], max_bytes: int) -> np.ndarray:
         try:
             return np.asarray(data, dtype=dtype).reshape(shape)
         except (ValueError, TypeError) as e:
-            raise MalformedPayload(f"envelope data list does not fit shape {list(shape)}: {e}") from e
+            raise MalformedPayload(
+                f"envelope data list does not fit shape {list(shape)}: {e}"
+            ) from e
     if not isinstance(data, bytes | bytearray | memoryview):
-        raise MalformedPayload(f"envelope data of type {type(data).__name__} is not bytes, base64 or a list")
+        raise MalformedPayload(
+            f"envelope data of type {type(data).__name__} is not bytes, base64 or a list"
+        )
     if len(data) != expected:
         raise MalformedPayload(
             f"envelope data has {len(data)} bytes but shape {list(shape)} of {dtype_name} needs {expected}"

@@ -65,8 +65,12 @@ def main() -> int:
     logdir = Path(tempfile.mkdtemp(prefix="infer-demo-"))
     names = [f"cpu0-{run}", f"cpu1-{run}"]
     workers = [
-        WorkerProcess(names[0], "cpu", logdir=logdir, queues=[names[0], shared], preload=("mlp", "cnn")),
-        WorkerProcess(names[1], "cpu", logdir=logdir, queues=[names[1], shared], preload=("transformer",)),
+        WorkerProcess(
+            names[0], "cpu", logdir=logdir, queues=[names[0], shared], preload=("mlp", "cnn")
+        ),
+        WorkerProcess(
+            names[1], "cpu", logdir=logdir, queues=[names[1], shared], preload=("transformer",)
+        ),
     ]
     failures = 0
     try:
@@ -76,7 +80,9 @@ def main() -> int:
             w.wait_ready()
         for w in workers:  # the pool child preloads models before its first task
             noop.apply_async(queue=w.name).get(timeout=120, interval=0.01)
-        console.print(f"workers up and warm: {', '.join(w.hostname for w in workers)} (logs in {logdir})")
+        console.print(
+            f"workers up and warm: {', '.join(w.hostname for w in workers)} (logs in {logdir})"
+        )
         jobs: list[tuple[str, int, str, np.ndarray, Any, float]] = []
         seed = 0
         for spec in SPECS.values():
@@ -84,24 +90,51 @@ def main() -> int:
                 seed += 1
                 x = sample_inputs(spec, batch, seed)
                 sent = time.perf_counter()
-                jobs.append((spec.name, batch, queue, x, infer.apply_async((spec.name, x), queue=queue), sent))
+                jobs.append(
+                    (
+                        spec.name,
+                        batch,
+                        queue,
+                        x,
+                        infer.apply_async((spec.name, x), queue=queue),
+                        sent,
+                    )
+                )
         done = [(res.get(timeout=120, interval=0.005), time.perf_counter()) for *_, res, _ in jobs]
         table = Table(title="every model: apply_async -> broker -> worker -> result backend")
-        for col in ("model", "batch", "queue", "worker", "device", "rtt ms", "queue ms", "compute ms",
-                    "match"):
+        for col in (
+            "model",
+            "batch",
+            "queue",
+            "worker",
+            "device",
+            "rtt ms",
+            "queue ms",
+            "compute ms",
+            "match",
+        ):
             table.add_column(col, justify="right" if col.endswith("ms") else "left")
         for (name, batch, queue, x, _, sent), (got, arrived) in zip(jobs, done, strict=True):
-            ok = np.allclose(outputs(got), _reference(SPECS[name], x, settings.weights_dir), atol=1e-5)
+            ok = np.allclose(
+                outputs(got), _reference(SPECS[name], x, settings.weights_dir), atol=1e-5
+            )
             failures += not ok
             t = got["timing"]
             table.add_row(
-                name, str(batch), "shared" if queue == shared else queue.split("-")[0],
-                got["worker"].split("-")[0], got["device"], f"{(arrived - sent) * 1000:.1f}",
-                f"{t['queue_wait_ms']:.1f}", f"{t['compute_ms']:.2f}",
+                name,
+                str(batch),
+                "shared" if queue == shared else queue.split("-")[0],
+                got["worker"].split("-")[0],
+                got["device"],
+                f"{(arrived - sent) * 1000:.1f}",
+                f"{t['queue_wait_ms']:.1f}",
+                f"{t['compute_ms']:.2f}",
                 "[green]yes[/green]" if ok else "[red]NO[/red]",
             )
         console.print(table)
-        console.print("rtt: all requests in flight at once, so it includes waiting behind the others")
+        console.print(
+            "rtt: all requests in flight at once, so it includes waiting behind the others"
+        )
         try:
             infer.apply_async(("resnet9000", [0.0]), queue=shared)
         except InferenceError as e:

@@ -29,7 +29,7 @@ __all__ = ["InferenceTask", "infer"]
 COMPUTE_DTYPES = (None, "auto", "fp32", "fp16", "bf16")
 
 
-class InferenceTask(Task):  # type: ignore[misc]
+class InferenceTask(Task):
     """Base for inference tasks: checks and encodes inputs in the caller before publishing.
 
     ``infer.apply_async(("cnn", array))`` accepts a numpy array or a torch
@@ -45,15 +45,23 @@ class InferenceTask(Task):  # type: ignore[misc]
     throws = (RequestError,)
 
     def apply_async(
-        self, args: tuple[Any, ...] | list[Any] | None = None, kwargs: dict[str, Any] | None = None,
+        self,
+        args: tuple[Any, ...] | list[Any] | None = None,
+        kwargs: dict[str, Any] | None = None,
         **options: Any,
     ) -> Any:
-        args, kwargs = prepare_request(list(args or ()), dict(kwargs or {}))
+        serializer = options.get("serializer") or app.infer_settings.serializer
+        args, kwargs = prepare_request(list(args or ()), dict(kwargs or {}), serializer)
         return super().apply_async(args, kwargs, **options)
 
 
-def prepare_request(args: list[Any], kwargs: dict[str, Any]) -> tuple[list[Any], dict[str, Any]]:
-    """Validate an ``infer`` call and encode array inputs; return the (args, kwargs) to publish."""
+def prepare_request(
+    args: list[Any], kwargs: dict[str, Any], serializer: str = "msgpack"
+) -> tuple[list[Any], dict[str, Any]]:
+    """Validate an ``infer`` call and encode array inputs; return the (args, kwargs) to publish.
+
+    Arrays travel as raw bytes under msgpack and as base64 under json.
+    """
     settings = app.infer_settings
     model = args[0] if args else kwargs.get("model")
     in_args = len(args) > 1
@@ -65,7 +73,7 @@ def prepare_request(args: list[Any], kwargs: dict[str, Any]) -> tuple[list[Any],
     array = to_array(inputs)
     if array is not None:
         check_input(spec, array, settings.max_payload_bytes)
-        inputs = encode(array, binary=settings.binary_tensors)
+        inputs = encode(array, binary=serializer == "msgpack")
     else:
         check_input(spec, decode(inputs, settings.max_payload_bytes), settings.max_payload_bytes)
     if in_args:
@@ -86,7 +94,9 @@ def infer(self: InferenceTask, model: str, inputs: Any, dtype: str | None = None
     spec = get_spec(model)
     if dtype not in COMPUTE_DTYPES:
         raise UnsupportedDtype(f"dtype {dtype!r} is not one of fp32, fp16, bf16 or auto")
-    batch = check_input(spec, decode(inputs, settings.max_payload_bytes), settings.max_payload_bytes)
+    batch = check_input(
+        spec, decode(inputs, settings.max_payload_bytes), settings.max_payload_bytes
+    )
     runtime = get_runtime()
     precision = resolve_dtype(dtype, spec, runtime.device)
     outputs, compute_ms = forward(runtime.model(spec, precision), batch, runtime.device, precision)

@@ -7,6 +7,7 @@ leaves a stray process behind.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -60,7 +61,10 @@ class WorkerProcess:
         argv = worker_argv(self.name, self.device, self.queues)
         cmd = [sys.executable, "-m", "celery", *argv[1:], "--logfile", str(self.logfile)]
         self.proc = subprocess.Popen(
-            cmd, env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+            cmd,
+            env=self.env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.STDOUT,
             start_new_session=True,
         )
         return self
@@ -70,7 +74,9 @@ class WorkerProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc is not None and self.proc.poll() is not None:
-                raise RuntimeError(f"worker {self.name} exited with {self.proc.returncode}:\n{self.log_tail()}")
+                raise RuntimeError(
+                    f"worker {self.name} exited with {self.proc.returncode}:\n{self.log_tail()}"
+                )
             if any("ready." in line and f"{self.name}@" in line for line in self._lines()):
                 return self
             time.sleep(0.1)
@@ -111,15 +117,16 @@ class WorkerProcess:
     def _signal_group(self, sig: signal.Signals) -> None:
         if self.proc is None:
             return
-        try:
+        with contextlib.suppress(ProcessLookupError):  # the whole group is gone already
             os.killpg(self.proc.pid, sig)
-        except ProcessLookupError:
-            pass
 
     def __enter__(self) -> WorkerProcess:
         return self.start().wait_ready()
 
     def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
     ) -> None:
         self.stop()

@@ -38,10 +38,13 @@ class WorkerRuntime:
     """Everything one worker process needs to run models on its device."""
 
     def __init__(self, settings: Settings) -> None:
+        import torch
+
         from models.cache import ModelCache
         from models.loader import size_of
         from models.runner import resolve_device
 
+        torch.set_num_threads(settings.torch_threads)
         self.settings = settings
         self.device: torch.device = resolve_device(settings.device)
         self.cache: ModelCache[tuple[str, str], nn.Module] = ModelCache(
@@ -124,12 +127,23 @@ def worker_argv(
     device_class = "gpu" if device.startswith("cuda") else "cpu"
     queues = queues or list(dict.fromkeys([name, device_class]))
     return [
-        "celery", "-A", "tasks", "worker",
-        "-n", f"{name}@%h",
-        "-Q", ",".join(queues),
-        "-P", "prefork", "-c", "1",
-        "-E", "--without-gossip", "--without-mingle",
-        "-l", loglevel,
+        "celery",
+        "-A",
+        "tasks",
+        "worker",
+        "-n",
+        f"{name}@%h",
+        "-Q",
+        ",".join(queues),
+        "-P",
+        "prefork",
+        "-c",
+        "1",
+        "-E",
+        "--without-gossip",
+        "--without-mingle",
+        "-l",
+        loglevel,
     ]
 
 
@@ -140,7 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tasks.worker", description=main.__doc__)
     parser.add_argument("--name", default="cpu0", help="node name and own queue, e.g. gpu0 or cpu1")
     parser.add_argument("--device", default="cpu", help="cpu, cuda:N or auto")
-    parser.add_argument("--print", action="store_true", help="print the command instead of running it")
+    parser.add_argument(
+        "--print", action="store_true", help="print the command instead of running it"
+    )
     args = parser.parse_args(argv)
     cmd = worker_argv(args.name, args.device)
     print(" ".join(cmd), flush=True)

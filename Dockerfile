@@ -1,0 +1,16 @@
+# Image for the workers and Flower in compose.yaml.
+# constraints.txt pins torch==2.13.0: from PyPI on Linux x86_64 that is the CUDA build.
+FROM python:3.11.7-slim-bookworm
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+WORKDIR /opt/inference
+COPY pyproject.toml constraints.txt README.md ./
+COPY tasks ./tasks
+COPY routing ./routing
+COPY models ./models
+COPY benchmarks ./benchmarks
+RUN pip install --no-cache-dir -c constraints.txt . \
+ && python -m models build --dir /opt/inference/weights
+RUN useradd --system --uid 10001 --home-dir /var/lib/inference inference \
+ && mkdir -p /var/lib/inference && chown inference /var/lib/inference
+USER inference
+CMD ["celery", "-A", "tasks", "worker", "-n", "cpu0@%h", "-Q", "cpu0,cpu", "-P", "prefork", "-c", "1", "-E", "--without-gossip", "--without-mingle", "-l", "INFO"]

@@ -1,0 +1,135 @@
+"""Real RabbitMQ + Redis and real ``celery worker`` subprocesses.
+
+Every worker and queue is named with a per-run id, so runs never share
+messages; fixtures delete their queues and check that no message is left
+ready or unacked and no worker process outlives its test.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from urllib.parse import urlparse
+
+import psutil
+import pytest
+
+from tasks import app
+from tasks.launcher import WorkerProcess
+
+pytestmark = pytest.mark.integration
+
+
+def _reachable(url: str, default_port: int) -> bool:
+    parsed = urlparse(url)
+    try:
+        with socket.create_connection(
+            (parsed.hostname or "127.0.0.1", parsed.port or default_port), 3
+        ):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="session", autouse=True)
+def services() -> None:
+    broker, backend = os.environ["CELERY_BROKER_URL"], os.environ["CELERY_RESULT_BACKEND"]
+    missing = [url for url, port in ((broker, 5672), (backend, 6379)) if not _reachable(url, port)]
+    if missing:
+        pytest.fail(
+            f"integration tests need RabbitMQ and Redis; not reachable: {missing}. Start them with "
+            '`rabbitmq-server -detached` and `redis-server --daemonize yes --port 6379 --save "" '
+            "--appendonly no` (.ci/run does this)",
+            pytrace=False,
+        )
+
+
+@pytest.fixture(scope="session")
+def run_id() -> str:
+    return uuid.uuid4().hex[:6]
+
+
+def queue_depth(queue: str) -> int:
+    """Ready + unacked messages of ``queue`` (a passive declare on RabbitMQ)."""
+    with app.connection_for_write() as conn:
+        return int(conn.default_channel.queue_declare(queue=queue, passive=True).message_count)
+
+
+def _session_pids(worker: WorkerProcess) -> list[int]:
+    pids = []
+    for proc in psutil.process_iter(["pid"]):
+        try:
+            if os.getsid(proc.pid) == worker.pid:
+                pids.append(proc.pid)
+        except (ProcessLookupError, PermissionError):
+            continue
+    return pids
+
+
+WorkerFactory = Callable[..., WorkerProcess]
+
+
+@pytest.fixture
+def worker_factory(tmp_path: Path, weights_dir: Path) -> Iterator[WorkerFactory]:
+    """Start workers for one test; stop them, delete their queues, check no stray process."""
+    started: list[WorkerProcess] = []
+    queues: set[str] = set()
+
+    def start(name: str, queues_: list[str], **kwargs: object) -> WorkerProcess:
+        w = WorkerProcess(name, "cpu", logdir=tmp_path, queues=queues_, **kwargs)  # type: ignore[arg-type]
+        started.append(w.start())
+        queues.update(queues_)
+        return w
+
+    yield start
+    for w in started:
+        w.stop()
+    leftovers = {w.name: _session_pids(w) for w in started if _session_pids(w)}
+    depths = {q: queue_depth(q) for q in queues}
+    with app.connection_for_write() as conn:
+        for q in queues:
+            conn.default_channel.queue_delete(q)
+    assert leftovers == {}, f"stray worker processes: {leftovers}"
+    assert all(d == 0 for d in depths.values()), f"messages left on queues: {depths}"
+
+
+@pytest.fixture(scope="session")
+def pair(
+    run_id: str, tmp_path_factory: pytest.TempPathFactory, weights_dir: Path
+) -> Iterator[tuple[WorkerProcess, WorkerProcess, str]]:
+    """Two CPU workers posing as separate devices, each with its own queue and a shared one."""
+    shared = f"shared-{run_id}"
+    logdir = tmp_path_factory.mktemp("pair")
+    workers = (
+        WorkerProcess(
+            f"ta-{run_id}",
+            "cpu",
+            logdir=logdir,
+            queues=[f"ta-{run_id}", shared],
+            preload=("mlp", "cnn"),
+        ),
+        WorkerProcess(
+            f"tb-{run_id}",
+            "cpu",
+            logdir=logdir,
+            queues=[f"tb-{run_id}", shared],
+            preload=("transformer",),
+        ),
+    )
+    for w in workers:
+        w.start()
+    try:
+        for w in workers:
+            w.wait_ready()
+        yield workers[0], workers[1], shared
+    finally:
+        for w in workers:
+            w.stop()
+        depths = {q: queue_depth(q) for q in (shared, *(w.name for w in workers))}
+        with app.connection_for_write() as conn:
+            for q in depths:
+                conn.default_channel.queue_delete(q)
+    assert all(d == 0 for d in depths.values()), f"messages left on queues: {depths}"

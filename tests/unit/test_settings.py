@@ -1,0 +1,68 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from models.errors import ConfigurationError, UnknownModel
+from tasks.settings import Settings
+
+
+def test_defaults_are_embedded_and_safe(tmp_path: Path) -> None:
+    s = Settings.from_env({"INFER_HOME": str(tmp_path)})
+    assert s.embedded
+    conf = s.celery_config()
+    assert conf["broker_url"] == "filesystem://"
+    assert conf["result_backend"] == f"file://{tmp_path / 'results'}"
+    opts = conf["broker_transport_options"]
+    assert opts["data_folder_in"] == opts["data_folder_out"] == str(tmp_path / "broker" / "queue")
+    assert (tmp_path / "broker" / "queue").is_dir() and (tmp_path / "results").is_dir()
+    assert "pickle" not in conf["accept_content"] and "pickle" not in conf["result_accept_content"]
+    assert conf["task_acks_late"] and conf["task_reject_on_worker_lost"]
+    assert conf["worker_prefetch_multiplier"] == 1
+    assert s.weights_dir == tmp_path / "weights"
+    assert "embedded broker" in s.describe()
+
+
+def test_rabbitmq_and_redis_from_standard_variables(tmp_path: Path) -> None:
+    s = Settings.from_env(
+        {
+            "CELERY_BROKER_URL": "amqp://user:secret@127.0.0.1:5672//",
+            "CELERY_RESULT_BACKEND": "redis://127.0.0.1:6379/0",
+            "INFER_HOME": str(tmp_path),
+            "INFER_SERIALIZER": "json",
+            "INFER_PRELOAD": "mlp, cnn",
+            "INFER_TASK_TIME_LIMIT": "60",
+            "INFER_TASK_SOFT_TIME_LIMIT": "50",
+            "INFER_RESULT_EXPIRES": "120",
+        }
+    )
+    conf = s.celery_config()
+    assert not s.embedded
+    assert conf["broker_transport_options"] == {"confirm_publish": True}
+    assert conf["task_serializer"] == conf["result_serializer"] == "json"
+    assert conf["task_time_limit"] == 60 and conf["task_soft_time_limit"] == 50
+    assert conf["result_expires"] == 120
+    assert s.preload == ("mlp", "cnn")
+    assert "secret" not in s.describe() and "user:***@" in s.describe()
+
+
+@pytest.mark.parametrize(
+    ("env", "fragment"),
+    [
+        ({"INFER_SERIALIZER": "pickle"}, "pickle is refused"),
+        ({"INFER_TASK_TIME_LIMIT": "2000"}, "consumer_timeout"),
+        ({"INFER_TASK_TIME_LIMIT": "100", "INFER_TASK_SOFT_TIME_LIMIT": "100"}, "must be below"),
+        ({"INFER_MAX_PAYLOAD_BYTES": "lots"}, "not an integer"),
+        ({"INFER_CACHE_BUDGET_MB": "0"}, "at least 1"),
+        ({"INFER_WORKER_INIT_TIMEOUT": "-1"}, "positive"),
+    ],
+)
+def test_bad_settings_raise_configuration_error(env: dict[str, str], fragment: str) -> None:
+    with pytest.raises(ConfigurationError, match=fragment):
+        Settings.from_env(env)
+
+
+def test_unknown_preload_model_names_the_choices() -> None:
+    with pytest.raises(UnknownModel, match="cnn, mlp, transformer"):
+        Settings.from_env({"INFER_PRELOAD": "mlp,resnet"})
