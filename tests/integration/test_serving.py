@@ -103,3 +103,19 @@ def test_app_uses_the_configured_broker() -> None:
     assert app.conf.broker_url.startswith("amqp://")
     assert app.conf.result_backend.startswith("redis://")
     assert app.conf.broker_transport_options == {"confirm_publish": True}
+
+
+def test_torch_lives_only_in_the_pool_child(pair: Pair) -> None:
+    """The prefork parent never loads torch (so never CUDA); the child that serves does."""
+    import psutil
+
+    a, _, _ = pair
+    infer.apply_async(("mlp", np.zeros(64, np.float32)), queue=a.name).get(timeout=60)
+
+    def has_torch(pid: int) -> bool:
+        return "libtorch" in Path(f"/proc/{pid}/maps").read_text()
+
+    children = psutil.Process(a.pid).children()
+    assert len(children) == 1
+    assert not has_torch(a.pid)
+    assert has_torch(children[0].pid)
