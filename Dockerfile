@@ -13,4 +13,4 @@ RUN pip install --no-cache-dir -c constraints.txt . \
 RUN useradd --system --uid 10001 --home-dir /var/lib/inference inference \
  && mkdir -p /var/lib/inference && chown inference /var/lib/inference
 USER inference
-CMD ["celery", "-A", "tasks", "worker", "-n", "cpu0@%h", "-Q", "cpu0,cpu", "-P", "prefork", "-c", "1", "-E", "--without-gossip", "--without-mingle", "-l", "INFO"]
+CMD ["celery", "-A", "tasks", "worker", "-n", "cpu0@%h", "-Q", "cpu.direct.cpu0,cpu", "-P", "prefork", "-c", "1", "-E", "--without-gossip", "--without-mingle", "-l", "INFO"]

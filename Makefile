@@ -8,12 +8,12 @@ WEIGHTS  := $(or $(INFER_WEIGHTS_DIR),$(HOME_DIR)/weights)/.built
 NAME   ?= cpu0
 DEVICE ?= cpu
 
-.PHONY: demo test unit integration lint bench worker weights flower clean
+.PHONY: demo test unit integration lint bench bench-quick worker weights flower clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev,peers]'
 	touch $@
 
 $(WEIGHTS): $(STAMP) models/registry.py models/loader.py $(wildcard models/zoo/*.py)
@@ -45,8 +45,15 @@ integration: $(WEIGHTS)
 test: lint $(WEIGHTS)
 	$(PY) -m pytest
 
+# The benchmark compares against raw AMQP: local RabbitMQ + Redis unless the environment says otherwise.
+BENCH_ENV := CELERY_BROKER_URL=$${CELERY_BROKER_URL:-amqp://guest:guest@127.0.0.1:5672//} \
+	CELERY_RESULT_BACKEND=$${CELERY_RESULT_BACKEND:-redis://127.0.0.1:6379/0}
+
 bench: $(WEIGHTS)
-	$(PY) -m benchmarks --json var/bench/latest.json
+	$(BENCH_ENV) $(PY) -m benchmarks --json var/bench/latest.json
+
+bench-quick: $(WEIGHTS)
+	$(BENCH_ENV) $(PY) -m benchmarks --quick --json var/bench/quick.json
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

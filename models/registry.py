@@ -37,6 +37,9 @@ class ModelSpec:
     output_shape: tuple[int, ...]
     seed: int
     description: str
+    # Device memory a worker needs free to load and run it at a typical batch
+    # (declared, not measured): the router's min_free_memory_mb for the model.
+    memory_mb: int = 64
     half_precision_ok: bool = True  # fp16/bf16 allowed on GPU
     value_range: tuple[int, int] | None = None  # [low, high) for integer inputs
 
@@ -57,6 +60,7 @@ SPECS: Mapping[str, ModelSpec] = MappingProxyType(
             output_shape=(10,),
             seed=1001,
             description="3-layer MLP on 64-d feature vectors -> 10 logits",
+            memory_mb=32,
         ),
         "cnn": ModelSpec(
             name="cnn",
@@ -67,6 +71,7 @@ SPECS: Mapping[str, ModelSpec] = MappingProxyType(
             output_shape=(10,),
             seed=2002,
             description="small CNN on 3x32x32 images -> 10 logits",
+            memory_mb=128,
         ),
         "transformer": ModelSpec(
             name="transformer",
@@ -77,6 +82,7 @@ SPECS: Mapping[str, ModelSpec] = MappingProxyType(
             output_shape=(8,),
             seed=3003,
             description="2-layer transformer encoder on 16 token ids (vocab 1000) -> 8 logits",
+            memory_mb=256,
             value_range=(0, 1000),
         ),
     }

@@ -26,6 +26,7 @@ class InferenceApp(Celery):
     """A Celery app whose configuration comes from one :class:`Settings` object."""
 
     def __init__(self, settings: Settings | None = None, **kwargs: Any) -> None:
+        kwargs.setdefault("amqp", "tasks.queues:InferenceAMQP")
         super().__init__("tasks", **kwargs)
         self._infer_settings = settings
         self.add_defaults(lambda: self.infer_settings.celery_config())
@@ -39,10 +40,13 @@ class InferenceApp(Celery):
 
 
 app = InferenceApp()
-app.conf.include = ["tasks.inference", "tasks.diagnostics", "tasks.worker"]
+app.conf.include = ["tasks.inference", "tasks.diagnostics", "tasks.worker", "tasks.control"]
 
 
 @before_task_publish.connect
-def _stamp_sent_at(headers: dict[str, Any] | None = None, **_: Any) -> None:
-    if headers is not None:
+def _stamp_sent_at(
+    sender: str | None = None, headers: dict[str, Any] | None = None, **_: Any
+) -> None:
+    # The signal fires for every Celery app in the process: stamp only our tasks.
+    if headers is not None and sender in app.tasks:
         headers.setdefault(SENT_AT_HEADER, time.time())

@@ -22,11 +22,13 @@ from rich.table import Table
 
 from models.errors import InferenceError
 from models.registry import SPECS, ModelSpec
+from routing.queues import direct_queue
 from tasks.app import app
 from tasks.client import outputs
 from tasks.diagnostics import noop
 from tasks.inference import infer
 from tasks.launcher import WorkerProcess
+from tasks.routes import wait_for_workers
 
 __all__ = ["main", "sample_inputs"]
 
@@ -66,11 +68,9 @@ def main() -> int:
     names = [f"cpu0-{run}", f"cpu1-{run}"]
     workers = [
         WorkerProcess(
-            names[0], "cpu", logdir=logdir, queues=[names[0], shared], preload=("mlp", "cnn")
-        ),
-        WorkerProcess(
-            names[1], "cpu", logdir=logdir, queues=[names[1], shared], preload=("transformer",)
-        ),
+            name, "cpu", logdir=logdir, queues=[direct_queue(shared, name), shared], preload=preload
+        )
+        for name, preload in ((names[0], ("mlp", "cnn")), (names[1], ("transformer",)))
     ]
     failures = 0
     try:
@@ -79,14 +79,16 @@ def main() -> int:
         for w in workers:
             w.wait_ready()
         for w in workers:  # the pool child preloads models before its first task
-            noop.apply_async(queue=w.name).get(timeout=120, interval=0.01)
+            noop.apply_async(queue=w.own_queue).get(timeout=120, interval=0.01)
+        wait_for_workers({w.hostname for w in workers})
         console.print(
             f"workers up and warm: {', '.join(w.hostname for w in workers)} (logs in {logdir})"
         )
-        jobs: list[tuple[str, int, str, np.ndarray, Any, float]] = []
+        jobs: list[tuple[str, int, str | None, np.ndarray, Any, float]] = []
         seed = 0
         for spec in SPECS.values():
-            for batch, queue in ((1, names[0]), (4, names[1]), (8, shared)):
+            # Two requests pinned to a worker's own queue, one left to the capability router.
+            for batch, queue in ((1, workers[0].own_queue), (4, workers[1].own_queue), (8, None)):
                 seed += 1
                 x = sample_inputs(spec, batch, seed)
                 sent = time.perf_counter()
@@ -96,7 +98,7 @@ def main() -> int:
                         batch,
                         queue,
                         x,
-                        infer.apply_async((spec.name, x), queue=queue),
+                        infer.apply_async((spec.name, x), queue=queue),  # None: routed
                         sent,
                     )
                 )
@@ -123,7 +125,7 @@ def main() -> int:
             table.add_row(
                 name,
                 str(batch),
-                "shared" if queue == shared else queue.split("-")[0],
+                "router" if queue is None else queue.split(".")[-1].split("-")[0],
                 got["worker"].split("-")[0],
                 got["device"],
                 f"{(arrived - sent) * 1000:.1f}",
@@ -143,7 +145,7 @@ def main() -> int:
         for w in workers:
             w.stop()
         with app.connection_for_write() as conn:  # leave no queues behind on the broker
-            for queue in (*names, shared):
+            for queue in (*(w.own_queue for w in workers), shared):
                 conn.default_channel.queue_delete(queue)
     stray = [w.name for w in workers if w.alive()]
     console.print(f"workers stopped; stray processes: {stray or 'none'}")

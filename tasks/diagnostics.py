@@ -11,15 +11,17 @@ import time
 from typing import Any
 
 from models.errors import RequestError
-from tasks.app import app
+from tasks.app import SENT_AT_HEADER, app
 
 __all__ = ["noop", "sleep"]
 
 
 @app.task(bind=True, name="tasks.diag.noop")
-def noop(self: Any) -> str:
-    """Return the worker's node name and do nothing else."""
-    return str(self.request.hostname)
+def noop(self: Any) -> dict[str, Any]:
+    """Do nothing; return the worker's node name and how long the message queued."""
+    sent_at = getattr(self.request, SENT_AT_HEADER, None)
+    wait = (time.time() - sent_at) * 1000.0 if isinstance(sent_at, int | float) else None
+    return {"worker": self.request.hostname, "timing": {"queue_wait_ms": wait}}
 
 
 @app.task(bind=True, name="tasks.diag.sleep")

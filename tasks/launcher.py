@@ -23,7 +23,11 @@ __all__ = ["WorkerProcess"]
 
 
 class WorkerProcess:
-    """One ``celery -A tasks worker`` bound to ``device``, consuming its own queue."""
+    """One ``celery -A tasks worker`` bound to ``device``, consuming its own queue.
+
+    ``command`` replaces the ``celery ... worker`` argv (its first word is
+    ignored: this interpreter's ``-m celery`` runs it).
+    """
 
     def __init__(
         self,
@@ -34,11 +38,14 @@ class WorkerProcess:
         env: Mapping[str, str] | None = None,
         queues: list[str] | None = None,
         preload: tuple[str, ...] = (),
+        command: list[str] | None = None,
     ) -> None:
         self.name = name
         self.device = device
         self.logfile = logdir / f"worker-{name}.log"
         self.queues = queues
+        # Another app's worker (the benchmark's vanilla Celery peer) may pass its own argv.
+        self.command = command or worker_argv(name, device, queues)
         self.env = dict(os.environ if env is None else env)
         self.env["INFER_DEVICE"] = device
         self.env["INFER_PRELOAD"] = ",".join(preload)
@@ -51,6 +58,16 @@ class WorkerProcess:
         return f"{self.name}@{os.uname().nodename}"
 
     @property
+    def consumed_queues(self) -> list[str]:
+        """The queues it consumes (its ``-Q`` list)."""
+        return self.command[self.command.index("-Q") + 1].split(",")
+
+    @property
+    def own_queue(self) -> str:
+        """The first queue it consumes: its own (direct) queue."""
+        return self.consumed_queues[0]
+
+    @property
     def pid(self) -> int:
         assert self.proc is not None, "worker not started"
         return self.proc.pid
@@ -58,8 +75,7 @@ class WorkerProcess:
     def start(self) -> WorkerProcess:
         self.logfile.parent.mkdir(parents=True, exist_ok=True)
         self.logfile.write_text("")
-        argv = worker_argv(self.name, self.device, self.queues)
-        cmd = [sys.executable, "-m", "celery", *argv[1:], "--logfile", str(self.logfile)]
+        cmd = [sys.executable, "-m", "celery", *self.command[1:], "--logfile", str(self.logfile)]
         self.proc = subprocess.Popen(
             cmd,
             env=self.env,

@@ -35,6 +35,17 @@ def _int(env: Mapping[str, str], key: str, default: int, minimum: int = 1) -> in
     return value
 
 
+def _bool(env: Mapping[str, str], key: str, default: bool) -> bool:
+    raw = env.get(key)
+    if raw is None or raw == "":
+        return default
+    if raw.lower() in ("1", "true", "yes", "on"):
+        return True
+    if raw.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ConfigurationError(f"{key}={raw!r} is not a boolean: use true or false")
+
+
 def _float(env: Mapping[str, str], key: str, default: float) -> float:
     raw = env.get(key)
     if raw is None or raw == "":
@@ -72,6 +83,18 @@ class Settings:
     INFER_RESULT_EXPIRES              results kept in the backend, seconds       3600
     INFER_WORKER_INIT_TIMEOUT         time allowed for a pool child to preload   120
     INFER_EMBEDDED_POLL_INTERVAL      embedded broker polling period, seconds    0.02
+    INFER_TASK_EVENTS                 workers send task events from the start    false
+    INFER_SENT_EVENTS                 clients send task-sent events              false
+    INFER_TRACK_STARTED               record a STARTED state per task            false
+    INFER_RESULT_EXTENDED             store task name/args/worker with results   false
+    INFER_ROUTING                     capability router for tasks.infer          true
+    INFER_HEARTBEAT_S                 capability heartbeat period, seconds       2.0
+    INFER_DIRECT_QUEUE_TTL_MS         wait in a direct queue before fallback     4000
+    INFER_MAX_IN_FLIGHT               load at which a sticky worker is skipped   4
+    INFER_STICKY_TTL_S                sticky key lifetime, seconds               300
+    INFER_STICKY_SIZE                 sticky keys kept per client                4096
+    INFER_MEMORY_MB                   advertised device memory (0: measure)      0
+    INFER_DTYPES                      advertised precisions (empty: device's)    (device)
     ================================  =========================================  ==============
     """
 
@@ -96,6 +119,21 @@ class Settings:
     result_expires: int = 3600
     worker_init_timeout: float = 120.0
     embedded_poll_interval: float = 0.02
+    # Off until someone watches: Flower switches events on in every worker at
+    # start (its enable_events option), and `celery -A tasks control
+    # enable_events` does too.  Events cost ~15% of a no-op round trip.
+    task_events: bool = False
+    sent_events: bool = False
+    track_started: bool = False
+    result_extended: bool = False
+    routing: bool = True
+    heartbeat_s: float = 2.0
+    direct_queue_ttl_ms: int = 4000
+    max_in_flight: int = 4
+    sticky_ttl_s: float = 300.0
+    sticky_size: int = 4096
+    memory_mb: int = 0
+    dtypes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.serializer not in SERIALIZERS:
@@ -116,6 +154,9 @@ class Settings:
             )
         for name in self.preload:
             get_spec(name)  # UnknownModel names the valid choices
+        for dtype in self.dtypes:
+            if dtype not in ("fp32", "fp16", "bf16"):
+                raise ConfigurationError(f"INFER_DTYPES has {dtype!r}: use fp32, fp16 and/or bf16")
         if self.weights_dir is None:
             object.__setattr__(self, "weights_dir", self.home / "weights")
 
@@ -147,6 +188,18 @@ class Settings:
             embedded_poll_interval=_float(
                 env, "INFER_EMBEDDED_POLL_INTERVAL", cls.embedded_poll_interval
             ),
+            task_events=_bool(env, "INFER_TASK_EVENTS", cls.task_events),
+            sent_events=_bool(env, "INFER_SENT_EVENTS", cls.sent_events),
+            track_started=_bool(env, "INFER_TRACK_STARTED", cls.track_started),
+            result_extended=_bool(env, "INFER_RESULT_EXTENDED", cls.result_extended),
+            routing=_bool(env, "INFER_ROUTING", cls.routing),
+            heartbeat_s=_float(env, "INFER_HEARTBEAT_S", cls.heartbeat_s),
+            direct_queue_ttl_ms=_int(env, "INFER_DIRECT_QUEUE_TTL_MS", cls.direct_queue_ttl_ms),
+            max_in_flight=_int(env, "INFER_MAX_IN_FLIGHT", cls.max_in_flight),
+            sticky_ttl_s=_float(env, "INFER_STICKY_TTL_S", cls.sticky_ttl_s),
+            sticky_size=_int(env, "INFER_STICKY_SIZE", cls.sticky_size),
+            memory_mb=_int(env, "INFER_MEMORY_MB", cls.memory_mb, minimum=0),
+            dtypes=tuple(d.strip() for d in env.get("INFER_DTYPES", "").split(",") if d.strip()),
         )
 
     @property
@@ -214,11 +267,13 @@ class Settings:
             "task_time_limit": self.task_time_limit,
             "task_soft_time_limit": self.task_soft_time_limit,
             "result_expires": self.result_expires,
-            "result_extended": True,
-            "task_track_started": True,
+            "result_extended": self.result_extended,
+            "task_track_started": self.track_started,
             "task_default_queue": "cpu",
-            "task_send_sent_event": True,
-            "worker_send_task_events": True,
+            "task_send_sent_event": self.sent_events,
+            "worker_send_task_events": self.task_events,
+            "worker_consumer": "tasks.worker:TelemetryConsumer",
+            "task_routes": ["tasks.routes.route"] if self.routing else [],
             "worker_proc_alive_timeout": self.worker_init_timeout,
             "broker_channel_error_retry": True,
         }

@@ -17,6 +17,7 @@ from urllib.parse import urlparse
 import psutil
 import pytest
 
+from routing.queues import direct_queue
 from tasks import app
 from tasks.launcher import WorkerProcess
 
@@ -103,21 +104,11 @@ def pair(
     """Two CPU workers posing as separate devices, each with its own queue and a shared one."""
     shared = f"shared-{run_id}"
     logdir = tmp_path_factory.mktemp("pair")
-    workers = (
+    workers = tuple(
         WorkerProcess(
-            f"ta-{run_id}",
-            "cpu",
-            logdir=logdir,
-            queues=[f"ta-{run_id}", shared],
-            preload=("mlp", "cnn"),
-        ),
-        WorkerProcess(
-            f"tb-{run_id}",
-            "cpu",
-            logdir=logdir,
-            queues=[f"tb-{run_id}", shared],
-            preload=("transformer",),
-        ),
+            name, "cpu", logdir=logdir, queues=[direct_queue(shared, name), shared], preload=preload
+        )
+        for name, preload in ((f"ta-{run_id}", ("mlp", "cnn")), (f"tb-{run_id}", ("transformer",)))
     )
     for w in workers:
         w.start()
@@ -128,7 +119,7 @@ def pair(
     finally:
         for w in workers:
             w.stop()
-        depths = {q: queue_depth(q) for q in (shared, *(w.name for w in workers))}
+        depths = {q: queue_depth(q) for q in (shared, *(w.own_queue for w in workers))}
         with app.connection_for_write() as conn:
             for q in depths:
                 conn.default_channel.queue_delete(q)

@@ -63,7 +63,7 @@ def test_worker_raises_typed_error_and_keeps_serving(
     pair: Pair, label: str, args: tuple[Any, ...], error: type[errors.InferenceError]
 ) -> None:
     worker, _, _ = pair
-    res = app.send_task("tasks.infer", args=args, queue=worker.name)
+    res = app.send_task("tasks.infer", args=args, queue=worker.own_queue)
     with pytest.raises(error) as caught:
         res.get(timeout=30)
     assert type(caught.value) is error, label  # the exact class, rebuilt on the client
@@ -71,14 +71,14 @@ def test_worker_raises_typed_error_and_keeps_serving(
     assert str(caught.value)  # a message that says what to do
     assert res.state == "FAILURE" and not res.retries  # failed once, never retried
     # The same worker process answers the next request correctly.
-    ok = infer.apply_async(("mlp", GOOD), queue=worker.name).get(timeout=30)
-    assert ok["worker"].startswith(worker.name + "@") and ok["batch_size"] == 1
+    ok = infer.apply_async(("mlp", GOOD), queue=worker.own_queue).get(timeout=30)
+    assert ok["worker"] == worker.hostname and ok["batch_size"] == 1
     assert worker.alive()
 
 
 def test_bad_requests_leave_no_traceback_noise(pair: Pair) -> None:
     worker, _, _ = pair
-    res = app.send_task("tasks.infer", args=("nope", [1.0]), queue=worker.name)
+    res = app.send_task("tasks.infer", args=("nope", [1.0]), queue=worker.own_queue)
     with pytest.raises(errors.UnknownModel):
         res.get(timeout=30)
     log = worker.logfile.read_text()
@@ -92,7 +92,7 @@ def test_json_producer_with_base64_envelope(pair: Pair) -> None:
     res = app.send_task(
         "tasks.infer",
         args=("mlp", {"dtype": "float32", "shape": [64], "data": data}),
-        queue=worker.name,
+        queue=worker.own_queue,
         serializer="json",
     )
     assert res.get(timeout=30)["batch_size"] == 1

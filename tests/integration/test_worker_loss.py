@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
@@ -16,10 +17,12 @@ def test_task_of_a_killed_worker_finishes_on_the_other(
     worker_factory: WorkerFactory, run_id: str
 ) -> None:
     queue = f"loss-{run_id}"
-    workers = [worker_factory(f"k{i}-{run_id}", [queue]) for i in (1, 2)]
+    # STARTED states (off by default) tell which worker holds the task.
+    env = dict(os.environ, INFER_TRACK_STARTED="true")
+    workers = [worker_factory(f"k{i}-{run_id}", [queue], env=env) for i in (1, 2)]
     for w in workers:
         w.wait_ready()
-    res = sleep.apply_async((4.0,), queue=queue)
+    res = sleep.apply_async((4.0,), queue=queue)  # workers track STARTED (see env above)
     deadline = time.monotonic() + 60
     while res.state != "STARTED":
         assert time.monotonic() < deadline, f"task never started (state {res.state})"

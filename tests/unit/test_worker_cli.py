@@ -10,14 +10,13 @@ def test_gpu_worker_consumes_own_and_class_queue_with_one_prefork_child() -> Non
     argv = worker_argv("gpu0", "cuda:0")
     assert argv[:4] == ["celery", "-A", "tasks", "worker"]
     assert argv[argv.index("-n") + 1] == "gpu0@%h"
-    assert argv[argv.index("-Q") + 1] == "gpu0,gpu"
+    assert argv[argv.index("-Q") + 1] == "gpu.direct.gpu0,gpu"
     assert argv[argv.index("-P") + 1] == "prefork" and argv[argv.index("-c") + 1] == "1"
-    assert "-E" in argv
 
 
 def test_cpu_worker_and_explicit_queues() -> None:
-    assert worker_argv("cpu1", "cpu")[7] == "cpu1,cpu"
-    assert worker_argv("cpu", "cpu")[7] == "cpu"
+    assert worker_argv("cpu1", "cpu")[7] == "cpu.direct.cpu1,cpu"
+    assert worker_argv("cpu", "cpu")[7] == "cpu.direct.cpu,cpu"
     assert worker_argv("x", "cpu", queues=["q1", "q2"])[7] == "q1,q2"
 
 

@@ -1,0 +1,156 @@
+"""The capability router, plugged into Celery's ``task_routes``.
+
+Celery calls ``router(name, args, kwargs, options, task=None, **kw)`` for every
+task it publishes; the first non-None answer is the route.  For inference
+tasks the decision ladder is:
+
+1. sticky hit: the worker remembered for this (model, requirements) key is
+   alive, still capable and under its in-flight limit -> its own queue;
+2. otherwise the best capable worker (model already loaded, least loaded,
+   most free memory) -> its own queue, and remember it;
+3. otherwise raise :class:`~models.errors.NoCapableWorker` naming the unmet
+   requirement: ``apply_async`` raises before anything is published.
+
+The router reads a cached registry snapshot and never waits on the network.
+A caller's explicit ``queue=`` always wins (Celery merges options over the
+route), and such calls are not routed at all.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from models.errors import NoCapableWorker
+from routing.capabilities import TaskRequirements, WorkerCapabilities, match, unmet
+from routing.sticky import StickyCache
+
+__all__ = ["REQUIRES_HEADER", "CapabilityRouter", "RouterStats"]
+
+# Per-call requirements travel in this message header, e.g.
+# infer.apply_async(args, headers={"requires": {"device": "cuda", "dtype": "bf16"}})
+REQUIRES_HEADER = "requires"
+
+
+@dataclass
+class RouterStats:
+    """Decision counts and a bounded reservoir of decision times (µs)."""
+
+    decisions: int = 0
+    sticky_hits: int = 0
+    fallbacks: int = 0  # sticky worker gone, incapable or busy: chose another
+    misses: int = 0  # no sticky entry: chose fresh
+    errors: int = 0  # NoCapableWorker raised
+    decision_us: deque[float] = field(default_factory=lambda: deque(maxlen=10_000))
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def sticky_hit_rate(self) -> float:
+        return self.sticky_hits / self.decisions if self.decisions else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        times = sorted(self.decision_us)
+        pct = (
+            {f"p{q}": times[min(len(times) - 1, int(len(times) * q / 100))] for q in (50, 99)}
+            if times
+            else {}
+        )
+        return {
+            "decisions": self.decisions,
+            "sticky_hits": self.sticky_hits,
+            "fallbacks": self.fallbacks,
+            "misses": self.misses,
+            "errors": self.errors,
+            "sticky_hit_rate": round(self.sticky_hit_rate, 4),
+            "decision_us": {k: round(v, 2) for k, v in pct.items()},
+        }
+
+
+class CapabilityRouter:
+    """Routes requests to capable workers' own queues, with sticky model affinity."""
+
+    def __init__(
+        self,
+        workers: Callable[[], Mapping[str, WorkerCapabilities]],
+        requirements_for: Callable[[str, tuple[Any, ...], dict[str, Any]], TaskRequirements | None],
+        sticky: StickyCache | None = None,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        self._workers = workers
+        self._requirements_for = requirements_for
+        self.sticky = sticky or StickyCache()
+        self.stats = RouterStats()
+        self._clock = clock
+        self.registry: Any = None  # the LiveRegistry feeding ``workers``, when there is one
+
+    def __call__(
+        self,
+        name: str,
+        args: Any,
+        kwargs: Any,
+        options: Mapping[str, Any],
+        task: Any = None,
+        **_: Any,
+    ) -> dict[str, Any] | None:
+        if options.get("queue") or options.get("routing_key"):
+            return None
+        base = self._requirements_for(name, tuple(args or ()), dict(kwargs or {}))
+        if base is None:
+            return None  # not an inference task: Celery's default routing applies
+        overrides = (options.get("headers") or {}).get(REQUIRES_HEADER)
+        req = base.merged(overrides) if overrides else base
+        return {"queue": self.decide(req).queue}
+
+    def decide(self, req: TaskRequirements) -> WorkerCapabilities:
+        """The ladder: sticky hit, else best capable worker, else NoCapableWorker."""
+        started = self._clock()
+        try:
+            workers = self._workers()
+            key = req.key
+            remembered = self.sticky.get(key)
+            if remembered is not None:
+                w = workers.get(remembered)
+                if w is not None and unmet(req, w) is None and w.in_flight < w.max_in_flight:
+                    self._count(hit=True)
+                    return w
+                if w is None:
+                    self.sticky.drop_worker(remembered)
+            ranked = match(req, workers.values())
+            if not ranked:
+                with self.stats._lock:
+                    self.stats.errors += 1
+                raise NoCapableWorker(_explain(req, workers))
+            # Prefer a capable worker under its in-flight limit; all busy: least loaded.
+            best = next((w for w in ranked if w.in_flight < w.max_in_flight), ranked[0])
+            self.sticky.put(key, best.name, req.model)
+            self._count(hit=False, fallback=remembered is not None)
+            return best
+        finally:
+            self.stats.decision_us.append((self._clock() - started) * 1e6)
+
+    def _count(self, hit: bool, fallback: bool = False) -> None:
+        with self.stats._lock:
+            self.stats.decisions += 1
+            if hit:
+                self.stats.sticky_hits += 1
+            elif fallback:
+                self.stats.fallbacks += 1
+            else:
+                self.stats.misses += 1
+
+
+def _explain(req: TaskRequirements, workers: Mapping[str, WorkerCapabilities]) -> str:
+    if not workers:
+        return (
+            "no live worker is registered: start one (make worker, or celery -A tasks worker) and "
+            "check that it can reach the broker and the registry"
+        )
+    reasons = "; ".join(f"{w.name} lacks {unmet(req, w)}" for w in workers.values())
+    return (
+        f"no live worker can serve model {req.model!r} with {req}: {reasons}. Relax the "
+        "requirement (headers={'requires': ...}) or start a worker that has it"
+    )

@@ -1,0 +1,93 @@
+"""Glue between Celery's ``task_routes`` and the capability router.
+
+``task_routes = ["tasks.routes.route"]`` (set by the settings when
+``INFER_ROUTING`` is on).  The router is built lazily in each client process,
+on the first routed call: a registry snapshot refreshed in the background, a
+sticky cache, and requirements derived from the model registry.
+
+How to state requirements, from lowest to highest precedence:
+
+1. the model registry: ``min_free_memory_mb`` is the model's ``memory_mb``;
+2. the call itself: ``infer(model, inputs, dtype="bf16")`` requires bf16;
+3. a per-call header: ``infer.apply_async(args, headers={"requires": {"device":
+   "cuda", "min_free_memory_mb": 8000, "min_compute_capability": "8.0"}})``.
+
+An explicit ``queue=`` bypasses the router entirely.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+from models.registry import get_spec
+from routing.capabilities import TaskRequirements
+from routing.registry import LiveRegistry, store_for
+from routing.router import CapabilityRouter
+from routing.sticky import StickyCache
+from tasks.app import app
+
+__all__ = ["get_router", "requirements_for", "route", "wait_for_workers"]
+
+ROUTED_TASKS = frozenset({"tasks.infer", "tasks.diag.noop"})
+
+_router: CapabilityRouter | None = None
+_lock = threading.Lock()
+
+
+def requirements_for(
+    name: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> TaskRequirements | None:
+    """Requirements of an inference call from the registry and its own arguments; None if not routed."""
+    if name not in ROUTED_TASKS:
+        return None
+    if name == "tasks.diag.noop":
+        return TaskRequirements()  # any live worker
+    model = args[0] if args else kwargs.get("model")
+    dtype = args[2] if len(args) > 2 else kwargs.get("dtype")
+    spec = get_spec(model)  # UnknownModel: refused before publishing, send_task included
+    return TaskRequirements(
+        model=spec.name,
+        min_free_memory_mb=spec.memory_mb,
+        dtype=None if dtype in (None, "auto") else dtype,
+    )
+
+
+def get_router() -> CapabilityRouter:
+    """This process's router (built on first use)."""
+    global _router
+    with _lock:
+        if _router is None:
+            settings = app.infer_settings
+            sticky = StickyCache(ttl_s=settings.sticky_ttl_s, max_size=settings.sticky_size)
+            registry = LiveRegistry(
+                store_for(settings.backend, settings.home),
+                ttl_s=2 * settings.heartbeat_s,
+                refresh_s=min(0.5, settings.heartbeat_s / 2),
+                on_lost=sticky.drop_worker,
+                on_evicted=lambda worker, model: sticky.invalidate(worker=worker, model=model),
+            )
+            _router = CapabilityRouter(registry.workers, requirements_for, sticky)
+            _router.registry = registry
+        return _router
+
+
+def wait_for_workers(hostnames: set[str], timeout: float = 60.0) -> None:
+    """Block until the router's registry sees every one of ``hostnames`` (their heartbeats)."""
+    registry = get_router().registry
+    deadline = time.monotonic() + timeout
+    while not hostnames <= set(registry.workers()):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"workers {hostnames - set(registry.workers())} never advertised")
+        registry.refresh()
+        time.sleep(0.1)
+
+
+def route(
+    name: str, args: Any, kwargs: Any, options: Any, task: Any = None, **kw: Any
+) -> dict[str, Any] | None:
+    """The ``task_routes`` entry point (see :class:`routing.router.CapabilityRouter`)."""
+    if name not in ROUTED_TASKS:
+        return None
+    return get_router()(name, args, kwargs, options, task, **kw)

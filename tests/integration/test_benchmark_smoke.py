@@ -1,0 +1,71 @@
+"""The harness runs end to end in a tiny mode on the real broker (no timing assertions)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+ROUND_TRIP_LANES = (
+    "amqp_floor",
+    "celery_baseline",
+    "celery_default",
+    "celery_tuned",
+    "deployment_noop",
+    "deployment_infer",
+    "dramatiq",
+)
+
+
+def test_tiny_run_writes_json_table_and_plots(tmp_path: Path, weights_dir: Path) -> None:
+    out_json = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks",
+            "--rounds",
+            "3",
+            "--requests",
+            "5",
+            "--window-requests",
+            "16",
+            "--device",
+            "cpu",
+            "--json",
+            str(out_json),
+        ],
+        env=dict(os.environ),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads(out_json.read_text())
+    assert result["schema"] == 1
+    machine = result["machine"]
+    assert machine["cpus"] >= 1 and machine["broker"] == "amqp" and machine["backend"] == "redis"
+    assert machine["rabbitmq"] and machine["redis"] and machine["torch"] and machine["celery"]
+    lanes = result["lanes"]
+    assert set(lanes) == {*ROUND_TRIP_LANES, "in_process"}
+    for name in ROUND_TRIP_LANES:
+        lane = lanes[name]
+        assert lane["rounds"] == 3 and lane["requests"] == 15, name
+        assert 0 < lane["rtt_ms"]["p50"] <= lane["rtt_ms"]["p95"] <= lane["rtt_ms"]["p99"], name
+        assert lane["throughput_per_s"] > 0 and lane["publish_us"] > 0, name
+        assert lane["worker_rss_mb"] > 0, name
+    assert lanes["deployment_infer"]["samples_per_s"] > 0
+    assert lanes["deployment_infer"]["breakdown_ms"]["compute_ms"]["p50"] > 0
+    assert lanes["in_process"]["by_batch"]["1"] > 0 and lanes["in_process"]["by_batch"]["64"] > 0
+    assert result["ratios"]["deployment_noop_vs_celery_baseline_p50"] > 0
+    assert result["memory_mb"]["client_rss"] > 0
+    for suffix in ("-latency-cdf.png", "-throughput.png"):
+        png = tmp_path / f"bench{suffix}"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "deployment_noop_vs_celery_baseline_p50" in proc.stdout  # the terminal table

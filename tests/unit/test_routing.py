@@ -1,0 +1,253 @@
+"""Routing logic with fakes: matching, the sticky cache (fake clock), the ladder, the registry."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from models.errors import ConfigurationError, NoCapableWorker
+from routing.capabilities import TaskRequirements, WorkerCapabilities, match, unmet
+from routing.queues import dead_letter_arguments, direct_queue, fallback_of
+from routing.registry import LiveRegistry
+from routing.router import CapabilityRouter
+from routing.sticky import StickyCache
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def worker(name: str, **kw: object) -> WorkerCapabilities:
+    base = dict(
+        name=f"{name}@h",
+        queue=direct_queue("gpu", name),
+        device_kind="cuda",
+        device_name="H200",
+        device_index=0,
+        total_memory_mb=80_000,
+        free_memory_mb=60_000,
+        compute_capability=(9, 0),
+        dtypes=("fp32", "fp16", "bf16"),
+        models_loaded=(),
+        in_flight=0,
+        max_in_flight=4,
+        heartbeat=1000.0,
+        device_class_queue="gpu",
+    )
+    base.update(kw)
+    return WorkerCapabilities(**base)  # type: ignore[arg-type]
+
+
+CPU = worker(
+    "cpu0",
+    device_kind="cpu",
+    device_name="cpu",
+    device_index=None,
+    compute_capability=None,
+    dtypes=("fp32", "bf16"),
+    free_memory_mb=4000,
+    queue=direct_queue("cpu", "cpu0"),
+)
+
+
+# --- requirements and matching ---------------------------------------------------------------
+
+
+def test_unmet_names_each_requirement() -> None:
+    gpu = worker("gpu0")
+    assert unmet(TaskRequirements(device="cuda"), CPU) == "device cuda (it is cpu)"
+    assert "8000 MB free memory" in str(unmet(TaskRequirements(min_free_memory_mb=8000), CPU))
+    assert "compute capability >= 9.0" in str(
+        unmet(TaskRequirements(min_compute_capability=(9, 0)), CPU)
+    )
+    assert unmet(TaskRequirements(dtype="fp16"), CPU) == "dtype fp16 (it runs fp32, bf16)"
+    assert (
+        unmet(TaskRequirements(device="cuda", dtype="bf16", min_free_memory_mb=1000), gpu) is None
+    )
+
+
+def test_model_already_loaded_needs_no_free_memory() -> None:
+    full = worker("gpu0", free_memory_mb=10, models_loaded=("cnn",))
+    assert unmet(TaskRequirements(model="cnn", min_free_memory_mb=128), full) is None
+    assert unmet(TaskRequirements(model="mlp", min_free_memory_mb=128), full) is not None
+
+
+def test_match_prefers_loaded_model_then_least_loaded() -> None:
+    a = worker("a", in_flight=0)
+    b = worker("b", in_flight=3, models_loaded=("cnn",))
+    c = worker("c", in_flight=1)
+    ranked = match(TaskRequirements(model="cnn"), [a, b, c, CPU])
+    assert [w.name for w in ranked] == ["b@h", "a@h", "cpu0@h", "c@h"]  # then memory breaks ties
+    assert [w.name for w in match(TaskRequirements(device="cuda", model="x"), [CPU, c, a])] == [
+        "a@h",
+        "c@h",
+    ]
+
+
+def test_requirements_from_headers_and_key() -> None:
+    req = TaskRequirements(model="cnn", min_free_memory_mb=128)
+    merged = req.merged({"device": "cuda", "min_compute_capability": "8.0"})
+    assert (
+        merged.device == "cuda"
+        and merged.min_compute_capability == (8, 0)
+        and merged.model == "cnn"
+    )
+    assert (
+        merged.key != req.key
+        and req.key == TaskRequirements(model="cnn", min_free_memory_mb=128).key
+    )
+    with pytest.raises(ConfigurationError, match="unknown requirement"):
+        req.merged({"gpu": True})
+    with pytest.raises(ConfigurationError, match="device"):
+        TaskRequirements(device="tpu")
+
+
+def test_capabilities_json_round_trip() -> None:
+    w = worker("gpu0", models_loaded=("cnn", "mlp"))
+    assert WorkerCapabilities.from_json(w.to_json()) == w
+
+
+# --- sticky cache -----------------------------------------------------------------------------
+
+
+def test_sticky_ttl_with_fake_clock() -> None:
+    clock = Clock()
+    cache = StickyCache(ttl_s=10, max_size=8, now=clock)
+    cache.put("k", "gpu0@h", "cnn")
+    clock.t += 9.9
+    assert cache.get("k") == "gpu0@h"
+    clock.t += 0.2
+    assert cache.get("k") is None and len(cache) == 0
+
+
+def test_sticky_bounded_lru_and_invalidation() -> None:
+    cache = StickyCache(ttl_s=60, max_size=2, now=Clock())
+    cache.put("a", "w1", "cnn")
+    cache.put("b", "w2", "mlp")
+    cache.get("a")
+    cache.put("c", "w1", "mlp")  # evicts b, the least recently used
+    assert cache.get("b") is None and cache.get("a") == "w1"
+    assert cache.invalidate(worker="w1", model="cnn") == 1 and cache.get("a") is None
+    assert cache.drop_worker("w1") == 1 and len(cache) == 0
+
+
+# --- the ladder -------------------------------------------------------------------------------
+
+
+def make_router(workers: dict[str, WorkerCapabilities]) -> CapabilityRouter:
+    def reqs(
+        name: str, args: tuple[object, ...], kwargs: dict[str, object]
+    ) -> TaskRequirements | None:
+        return TaskRequirements(model=str(args[0])) if name == "tasks.infer" else None
+
+    return CapabilityRouter(lambda: workers, reqs, StickyCache(now=Clock()))
+
+
+def test_ladder_sticky_hit_then_fallback_when_busy_or_gone() -> None:
+    workers = {w.name: w for w in (worker("a"), worker("b", in_flight=1))}
+    router = make_router(workers)
+    first = router("tasks.infer", ("cnn",), {}, {})
+    assert first == {"queue": "gpu.direct.a"}
+    assert router("tasks.infer", ("cnn",), {}, {}) == first  # sticky hit
+    workers["a@h"] = replace(workers["a@h"], in_flight=4)  # at its limit: go elsewhere
+    assert router("tasks.infer", ("cnn",), {}, {}) == {"queue": "gpu.direct.b"}
+    del workers["b@h"]  # the new sticky worker died
+    assert router("tasks.infer", ("cnn",), {}, {}) == {"queue": "gpu.direct.a"}
+    stats = router.stats.as_dict()
+    assert (stats["decisions"], stats["sticky_hits"], stats["fallbacks"], stats["misses"]) == (
+        4,
+        1,
+        2,
+        1,
+    )
+
+
+def test_explicit_queue_and_other_tasks_are_not_routed() -> None:
+    router = make_router({})
+    assert router("tasks.infer", ("cnn",), {}, {"queue": "cpu"}) is None
+    assert router("tasks.diag.noop", (), {}, {}) is None
+
+
+def test_no_capable_worker_names_the_unmet_requirement() -> None:
+    router = make_router({CPU.name: CPU})
+    with pytest.raises(NoCapableWorker, match=r"cpu0@h lacks device cuda \(it is cpu\)"):
+        router("tasks.infer", ("cnn",), {}, {"headers": {"requires": {"device": "cuda"}}})
+    with pytest.raises(NoCapableWorker, match="no live worker is registered"):
+        make_router({})("tasks.infer", ("cnn",), {}, {})
+    assert router.stats.errors == 1
+
+
+# --- registry ---------------------------------------------------------------------------------
+
+
+class FakeStore:
+    def __init__(self) -> None:
+        self.records: dict[str, WorkerCapabilities] = {}
+
+    def publish(self, caps: WorkerCapabilities, ttl_s: float) -> None:
+        self.records[caps.name] = caps
+
+    def remove(self, name: str) -> None:
+        self.records.pop(name, None)
+
+    def load(self) -> list[WorkerCapabilities]:
+        return list(self.records.values())
+
+
+def test_registry_expires_dead_workers_and_reports_evictions() -> None:
+    clock, store = Clock(), FakeStore()
+    lost: list[str] = []
+    evicted: list[tuple[str, str]] = []
+    reg = LiveRegistry(
+        store,
+        ttl_s=4.0,
+        now=clock,
+        on_lost=lost.append,
+        on_evicted=lambda w, m: evicted.append((w, m)),
+    )
+    store.publish(worker("a", heartbeat=clock.t, models_loaded=("cnn", "mlp")), 4)
+    store.publish(worker("b", heartbeat=clock.t), 4)
+    reg.refresh()
+    assert set(reg.workers()) == {"a@h", "b@h"}
+    clock.t += 3.0
+    store.publish(
+        worker("a", heartbeat=clock.t, models_loaded=("mlp",)), 4
+    )  # a evicted cnn; b silent
+    reg.refresh()
+    assert set(reg.workers()) == {"a@h", "b@h"}  # b's last beat is 3 s old: still alive
+    assert evicted == [("a@h", "cnn")]
+    clock.t += 1.5  # b's last beat is now 4.5 s old > 2 intervals
+    reg.refresh()
+    assert set(reg.workers()) == {"a@h"} and lost == ["b@h"]
+    reg.close()
+
+
+# --- queues -----------------------------------------------------------------------------------
+
+
+def test_direct_queue_names_carry_their_fallback() -> None:
+    q = direct_queue("gpu", "gpu0")
+    assert q == "gpu.direct.gpu0" and fallback_of(q) == "gpu"
+    assert fallback_of("gpu") is None and fallback_of("a.b") is None
+    with pytest.raises(ValueError):
+        direct_queue("gpu", "x.direct.y")
+    assert dead_letter_arguments("cpu", 4000) == {
+        "x-message-ttl": 4000,
+        "x-dead-letter-exchange": "",
+        "x-dead-letter-routing-key": "cpu",
+    }
+
+
+def test_celery_declares_direct_queues_with_dead_letter_arguments() -> None:
+    from tasks import app
+
+    queue = app.amqp.queues[direct_queue("cpu", "cpu7")]
+    assert queue.queue_arguments == dead_letter_arguments(
+        "cpu", app.infer_settings.direct_queue_ttl_ms
+    )
+    assert not app.amqp.queues["cpu-plain"].queue_arguments
