@@ -6,8 +6,8 @@ Two measurements with synthetic registries (no broker):
   random requirements, each worker holding 4 models and a random load;
 - sticky hit rate in steady state for 8 models over 4 workers under load:
   one request arrives per step and routes; each worker finishes one request
-  with probability 0.3 per step (service capacity 1.2 per step), so workers
-  fill up, sticky workers get skipped at their in-flight limit, and affinity
+  with probability 0.5 per step (capacity 2 per step: 50% utilisation, with
+  bursts that fill a worker to its in-flight limit and spill), and affinity
   is measured as a deployment would see it.
 """
 
@@ -55,7 +55,7 @@ def synthetic_workers(
 
 
 def _requirements(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> TaskRequirements:
-    return TaskRequirements(model=str(args[0]), min_free_memory_mb=512)
+    return TaskRequirements(model=str(args[0]), model_memory_mb=512)
 
 
 class RouterLane:
@@ -91,7 +91,7 @@ class RouterLane:
         reqs = [
             TaskRequirements(
                 model=f"m{self.rng.randrange(16)}",
-                min_free_memory_mb=512,
+                model_memory_mb=512,
                 dtype=self.rng.choice([None, "bf16", "fp16"]),
                 device=self.rng.choice(["any", "cuda"]),
             )
@@ -111,13 +111,13 @@ class RouterLane:
             if step == warmup:
                 hits_before, decisions_before = router.stats.sticky_hits, router.stats.decisions
             chosen = router.decide(
-                TaskRequirements(model=f"m{self.rng.randrange(8)}", min_free_memory_mb=512)
+                TaskRequirements(model=f"m{self.rng.randrange(8)}", model_memory_mb=512)
             )
             workers[chosen.name] = replace(
                 workers[chosen.name], in_flight=workers[chosen.name].in_flight + 1
             )
             for name, w in workers.items():
-                if w.in_flight and self.rng.random() < 0.3:
+                if w.in_flight and self.rng.random() < 0.5:
                     workers[name] = replace(w, in_flight=w.in_flight - 1)
         hits = router.stats.sticky_hits - hits_before
         return hits / (router.stats.decisions - decisions_before)

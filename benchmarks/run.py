@@ -27,6 +27,7 @@ from benchmarks.lanes import (
     rss_mb,
 )
 from benchmarks.machine import machine_info
+from benchmarks.router_lane import RouterLane
 from benchmarks.stats import median_of_rounds, percentiles, ratio
 from routing.queues import direct_queue
 from tasks import app, infer, noop
@@ -106,6 +107,7 @@ def build_lanes(plan: Plan, logdir: Path) -> list[Lane]:
     )
     if importlib.util.find_spec("dramatiq") is not None:  # optional peer: pip install '.[peers]'
         lanes.append(DramatiqLane(logdir))
+    lanes.append(RouterLane())
     assert settings.weights_dir is not None
     lanes.append(
         InProcessLane(MODEL, BATCHES, plan.device, settings.torch_threads, settings.weights_dir)

@@ -8,7 +8,6 @@ them.  :func:`unmet` says in words why a worker cannot serve a request.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -16,7 +15,15 @@ from typing import Any
 
 from models.errors import ConfigurationError
 
-__all__ = ["DEVICE_KINDS", "DTYPES", "TaskRequirements", "WorkerCapabilities", "match", "unmet"]
+__all__ = [
+    "DEVICE_KINDS",
+    "DTYPES",
+    "TaskRequirements",
+    "WorkerCapabilities",
+    "best",
+    "match",
+    "unmet",
+]
 
 DEVICE_KINDS = ("any", "cpu", "cuda")
 DTYPES = ("fp32", "fp16", "bf16")
@@ -24,10 +31,16 @@ DTYPES = ("fp32", "fp16", "bf16")
 
 @dataclass(frozen=True)
 class TaskRequirements:
-    """What one request needs.  ``None``/``any``/``0`` mean "no constraint"."""
+    """What one request needs.  ``None``/``any``/``0`` mean "no constraint".
+
+    ``model_memory_mb`` comes from the model registry and applies only to a
+    worker that would have to load the model; ``min_free_memory_mb`` is
+    headroom the caller asks for, on any worker.
+    """
 
     device: str = "any"
     min_free_memory_mb: int = 0
+    model_memory_mb: int = 0
     min_compute_capability: tuple[int, int] | None = None
     dtype: str | None = None
     model: str | None = None
@@ -39,8 +52,8 @@ class TaskRequirements:
             )
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ConfigurationError(f"dtype {self.dtype!r}: use one of {', '.join(DTYPES)}")
-        if self.min_free_memory_mb < 0:
-            raise ConfigurationError("min_free_memory_mb must be >= 0")
+        if self.min_free_memory_mb < 0 or self.model_memory_mb < 0:
+            raise ConfigurationError("memory requirements must be >= 0")
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> TaskRequirements:
@@ -63,10 +76,16 @@ class TaskRequirements:
         return TaskRequirements.from_mapping({**base, **overrides})
 
     @property
-    def key(self) -> str:
-        """Stable sticky key: a short hash of the model and every requirement."""
-        raw = json.dumps(asdict(self), sort_keys=True, default=list)
-        return hashlib.blake2b(raw.encode(), digest_size=8).hexdigest()
+    def key(self) -> tuple[object, ...]:
+        """Sticky key: the model and every requirement (hashable; the cache is per process)."""
+        return (
+            self.model,
+            self.device,
+            self.dtype,
+            self.min_free_memory_mb,
+            self.model_memory_mb,
+            self.min_compute_capability,
+        )
 
 
 def _capability(value: Any) -> tuple[int, int]:
@@ -119,7 +138,11 @@ def unmet(req: TaskRequirements, worker: WorkerCapabilities) -> str | None:
     if req.device != "any" and worker.device_kind != req.device:
         return f"device {req.device} (it is {worker.device_kind})"
     loaded = req.model is not None and req.model in worker.models_loaded
-    if not loaded and worker.free_memory_mb < req.min_free_memory_mb:
+    if not loaded and worker.free_memory_mb < req.model_memory_mb:
+        return (
+            f"{req.model_memory_mb} MB free to load {req.model} (it has {worker.free_memory_mb} MB)"
+        )
+    if worker.free_memory_mb < req.min_free_memory_mb:
         return f"{req.min_free_memory_mb} MB free memory (it has {worker.free_memory_mb} MB)"
     if req.min_compute_capability is not None and (
         worker.compute_capability is None or worker.compute_capability < req.min_compute_capability
@@ -131,11 +154,42 @@ def unmet(req: TaskRequirements, worker: WorkerCapabilities) -> str | None:
     return None
 
 
+def _rank(
+    model: str | None, w: WorkerCapabilities, affinity: Mapping[str, int] | None = None
+) -> tuple[bool, int, int, str]:
+    load = w.in_flight + (affinity.get(w.name, 0) if affinity else 0)
+    return (model not in w.models_loaded, load, -w.free_memory_mb, w.name)
+
+
 def match(req: TaskRequirements, workers: Iterable[WorkerCapabilities]) -> list[WorkerCapabilities]:
     """Capable workers, best first: model already loaded, then least loaded, then most free memory."""
     capable = [w for w in workers if unmet(req, w) is None]
-    model = req.model
-    capable.sort(
-        key=lambda w: (model not in w.models_loaded, w.in_flight, -w.free_memory_mb, w.name)
-    )
+    capable.sort(key=lambda w: _rank(req.model, w))
     return capable
+
+
+def best(
+    req: TaskRequirements,
+    workers: Iterable[WorkerCapabilities],
+    exclude: str | None = None,
+    affinity: Mapping[str, int] | None = None,
+) -> tuple[WorkerCapabilities | None, WorkerCapabilities | None]:
+    """In one pass: the best capable worker under its in-flight limit, and the best capable one.
+
+    Same order as :func:`match`, without sorting (the router's hot path).
+    ``affinity`` (worker -> sticky keys it already serves) counts as load, so
+    new keys spread over the workers instead of piling onto the idlest one.
+    """
+    top_free: WorkerCapabilities | None = None
+    top_any: WorkerCapabilities | None = None
+    free_rank: tuple[bool, int, int, str] | None = None
+    any_rank: tuple[bool, int, int, str] | None = None
+    for w in workers:
+        if w.name == exclude or unmet(req, w) is not None:
+            continue
+        rank = _rank(req.model, w, affinity)
+        if any_rank is None or rank < any_rank:
+            top_any, any_rank = w, rank
+        if w.in_flight < w.max_in_flight and (free_rank is None or rank < free_rank):
+            top_free, free_rank = w, rank
+    return top_free, top_any

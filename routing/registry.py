@@ -29,7 +29,6 @@ from routing.capabilities import WorkerCapabilities
 __all__ = ["FileStore", "LiveRegistry", "RedisStore", "RegistryStore", "store_for"]
 
 log = logging.getLogger(__name__)
-PREFIX = "infer:worker:"
 
 
 class RegistryStore(Protocol):
@@ -39,21 +38,22 @@ class RegistryStore(Protocol):
 
 
 class RedisStore:
-    """Worker records as Redis keys with a TTL."""
+    """Worker records as Redis keys ``infer:<namespace>:worker:<name>`` with a TTL."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, namespace: str = "default") -> None:
         import redis
 
         self.client = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
+        self.prefix = f"infer:{namespace}:worker:"
 
     def publish(self, caps: WorkerCapabilities, ttl_s: float) -> None:
-        self.client.set(PREFIX + caps.name, caps.to_json(), px=int(ttl_s * 1000))
+        self.client.set(self.prefix + caps.name, caps.to_json(), px=int(ttl_s * 1000))
 
     def remove(self, name: str) -> None:
-        self.client.delete(PREFIX + name)
+        self.client.delete(self.prefix + name)
 
     def load(self) -> list[WorkerCapabilities]:
-        keys = list(self.client.scan_iter(match=PREFIX + "*", count=500))
+        keys = list(self.client.scan_iter(match=self.prefix + "*", count=500))
         if not keys:
             return []
         return [
@@ -92,11 +92,14 @@ class FileStore:
         return records
 
 
-def store_for(backend_url: str, home: Path) -> RegistryStore:
-    """Redis when the result backend is Redis, else files under ``home/registry``."""
+def store_for(backend_url: str, home: Path, namespace: str = "default") -> RegistryStore:
+    """Redis when the result backend is Redis, else files under ``home/registry/<namespace>``.
+
+    Workers and clients see each other only within one namespace.
+    """
     if backend_url.startswith(("redis://", "rediss://")):
-        return RedisStore(backend_url)
-    return FileStore(home / "registry")
+        return RedisStore(backend_url, namespace)
+    return FileStore(home / "registry" / namespace)
 
 
 class LiveRegistry:

@@ -6,9 +6,13 @@ tasks the decision ladder is:
 
 1. sticky hit: the worker remembered for this (model, requirements) key is
    alive, still capable and under its in-flight limit -> its own queue;
-2. otherwise the best capable worker (model already loaded, least loaded,
-   most free memory) -> its own queue, and remember it;
-3. otherwise raise :class:`~models.errors.NoCapableWorker` naming the unmet
+2. sticky worker alive and capable but at its in-flight limit: *spill* this
+   one request to the best other capable worker, and keep the sticky entry
+   (affinity survives a burst; a busy worker is not forgotten);
+3. otherwise (no entry, or its worker died or lost the capability) the best
+   capable worker (model already loaded, least loaded, most free memory)
+   -> its own queue, and remember it;
+4. otherwise raise :class:`~models.errors.NoCapableWorker` naming the unmet
    requirement: ``apply_async`` raises before anything is published.
 
 The router reads a cached registry snapshot and never waits on the network.
@@ -26,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from models.errors import NoCapableWorker
-from routing.capabilities import TaskRequirements, WorkerCapabilities, match, unmet
+from routing.capabilities import TaskRequirements, WorkerCapabilities, best, unmet
 from routing.sticky import StickyCache
 
 __all__ = ["REQUIRES_HEADER", "CapabilityRouter", "RouterStats"]
@@ -42,7 +46,8 @@ class RouterStats:
 
     decisions: int = 0
     sticky_hits: int = 0
-    fallbacks: int = 0  # sticky worker gone, incapable or busy: chose another
+    fallbacks: int = 0  # sticky worker gone or no longer capable: chose and recorded another
+    spills: int = 0  # sticky worker at its in-flight limit: this request went elsewhere
     misses: int = 0  # no sticky entry: chose fresh
     errors: int = 0  # NoCapableWorker raised
     decision_us: deque[float] = field(default_factory=lambda: deque(maxlen=10_000))
@@ -63,6 +68,7 @@ class RouterStats:
             "decisions": self.decisions,
             "sticky_hits": self.sticky_hits,
             "fallbacks": self.fallbacks,
+            "spills": self.spills,
             "misses": self.misses,
             "errors": self.errors,
             "sticky_hit_rate": round(self.sticky_hit_rate, 4),
@@ -106,7 +112,7 @@ class CapabilityRouter:
         return {"queue": self.decide(req).queue}
 
     def decide(self, req: TaskRequirements) -> WorkerCapabilities:
-        """The ladder: sticky hit, else best capable worker, else NoCapableWorker."""
+        """The ladder: sticky hit, spill, best capable worker, else NoCapableWorker."""
         started = self._clock()
         try:
             workers = self._workers()
@@ -114,33 +120,30 @@ class CapabilityRouter:
             remembered = self.sticky.get(key)
             if remembered is not None:
                 w = workers.get(remembered)
-                if w is not None and unmet(req, w) is None and w.in_flight < w.max_in_flight:
-                    self._count(hit=True)
-                    return w
-                if w is None:
-                    self.sticky.drop_worker(remembered)
-            ranked = match(req, workers.values())
-            if not ranked:
-                with self.stats._lock:
-                    self.stats.errors += 1
+                if w is not None and unmet(req, w) is None:
+                    if w.in_flight < w.max_in_flight:
+                        self._count("sticky_hits")
+                        return w
+                    spill, _ = best(req, workers.values(), exclude=w.name)
+                    self._count("spills")
+                    return spill or w  # everyone else busy or incapable: queue behind it
+                self.sticky.invalidate(key)
+            top_free, top_any = best(req, workers.values(), affinity=self.sticky.keys_per_worker())
+            chosen = top_free or top_any  # all busy: the least loaded capable one
+            if chosen is None:
+                self._count("errors", decision=False)
                 raise NoCapableWorker(_explain(req, workers))
-            # Prefer a capable worker under its in-flight limit; all busy: least loaded.
-            best = next((w for w in ranked if w.in_flight < w.max_in_flight), ranked[0])
-            self.sticky.put(key, best.name, req.model)
-            self._count(hit=False, fallback=remembered is not None)
-            return best
+            self.sticky.put(key, chosen.name, req.model)
+            self._count("fallbacks" if remembered is not None else "misses")
+            return chosen
         finally:
             self.stats.decision_us.append((self._clock() - started) * 1e6)
 
-    def _count(self, hit: bool, fallback: bool = False) -> None:
+    def _count(self, outcome: str, decision: bool = True) -> None:
         with self.stats._lock:
-            self.stats.decisions += 1
-            if hit:
-                self.stats.sticky_hits += 1
-            elif fallback:
-                self.stats.fallbacks += 1
-            else:
-                self.stats.misses += 1
+            setattr(self.stats, outcome, getattr(self.stats, outcome) + 1)
+            if decision:
+                self.stats.decisions += 1
 
 
 def _explain(req: TaskRequirements, workers: Mapping[str, WorkerCapabilities]) -> str:

@@ -22,7 +22,7 @@ def capabilities(state: Any) -> dict[str, Any]:
     """This worker's advertised capabilities (device, memory, dtypes, models, load)."""
     settings = app.infer_settings
     hostname = state.consumer.hostname
-    for record in store_for(settings.backend, settings.home).load():
+    for record in store_for(settings.backend, settings.home, settings.registry_namespace).load():
         if record.name == hostname:
             return json.loads(record.to_json())
     return {

@@ -7,7 +7,7 @@ sticky cache, and requirements derived from the model registry.
 
 How to state requirements, from lowest to highest precedence:
 
-1. the model registry: ``min_free_memory_mb`` is the model's ``memory_mb``;
+1. the model registry: a worker must have the model's ``memory_mb`` free unless it holds it;
 2. the call itself: ``infer(model, inputs, dtype="bf16")`` requires bf16;
 3. a per-call header: ``infer.apply_async(args, headers={"requires": {"device":
    "cuda", "min_free_memory_mb": 8000, "min_compute_capability": "8.0"}})``.
@@ -27,8 +27,9 @@ from routing.registry import LiveRegistry, store_for
 from routing.router import CapabilityRouter
 from routing.sticky import StickyCache
 from tasks.app import app
+from tasks.settings import Settings
 
-__all__ = ["get_router", "requirements_for", "route", "wait_for_workers"]
+__all__ = ["build_router", "get_router", "requirements_for", "route", "wait_for_workers"]
 
 ROUTED_TASKS = frozenset({"tasks.infer", "tasks.diag.noop"})
 
@@ -49,9 +50,24 @@ def requirements_for(
     spec = get_spec(model)  # UnknownModel: refused before publishing, send_task included
     return TaskRequirements(
         model=spec.name,
-        min_free_memory_mb=spec.memory_mb,
+        model_memory_mb=spec.memory_mb,
         dtype=None if dtype in (None, "auto") else dtype,
     )
+
+
+def build_router(settings: Settings) -> CapabilityRouter:
+    """A router over the registry ``settings`` name (backend, namespace, heartbeat)."""
+    sticky = StickyCache(ttl_s=settings.sticky_ttl_s, max_size=settings.sticky_size)
+    registry = LiveRegistry(
+        store_for(settings.backend, settings.home, settings.registry_namespace),
+        ttl_s=2 * settings.heartbeat_s,
+        refresh_s=min(0.5, settings.heartbeat_s / 2),
+        on_lost=sticky.drop_worker,
+        on_evicted=lambda worker, model: sticky.invalidate(worker=worker, model=model),
+    )
+    router = CapabilityRouter(registry.workers, requirements_for, sticky)
+    router.registry = registry
+    return router
 
 
 def get_router() -> CapabilityRouter:
@@ -59,17 +75,7 @@ def get_router() -> CapabilityRouter:
     global _router
     with _lock:
         if _router is None:
-            settings = app.infer_settings
-            sticky = StickyCache(ttl_s=settings.sticky_ttl_s, max_size=settings.sticky_size)
-            registry = LiveRegistry(
-                store_for(settings.backend, settings.home),
-                ttl_s=2 * settings.heartbeat_s,
-                refresh_s=min(0.5, settings.heartbeat_s / 2),
-                on_lost=sticky.drop_worker,
-                on_evicted=lambda worker, model: sticky.invalidate(worker=worker, model=model),
-            )
-            _router = CapabilityRouter(registry.workers, requirements_for, sticky)
-            _router.registry = registry
+            _router = build_router(app.infer_settings)
         return _router
 
 

@@ -95,6 +95,7 @@ class Settings:
     INFER_STICKY_SIZE                 sticky keys kept per client                4096
     INFER_MEMORY_MB                   advertised device memory (0: measure)      0
     INFER_DTYPES                      advertised precisions (empty: device's)    (device)
+    INFER_REGISTRY_NAMESPACE          workers and clients that see each other    default
     ================================  =========================================  ==============
     """
 
@@ -134,6 +135,7 @@ class Settings:
     sticky_size: int = 4096
     memory_mb: int = 0
     dtypes: tuple[str, ...] = ()
+    registry_namespace: str = "default"
 
     def __post_init__(self) -> None:
         if self.serializer not in SERIALIZERS:
@@ -200,6 +202,7 @@ class Settings:
             sticky_size=_int(env, "INFER_STICKY_SIZE", cls.sticky_size),
             memory_mb=_int(env, "INFER_MEMORY_MB", cls.memory_mb, minimum=0),
             dtypes=tuple(d.strip() for d in env.get("INFER_DTYPES", "").split(",") if d.strip()),
+            registry_namespace=env.get("INFER_REGISTRY_NAMESPACE") or cls.registry_namespace,
         )
 
     @property

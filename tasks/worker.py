@@ -143,7 +143,7 @@ def _preload() -> None:
         from tasks.heartbeat import Heartbeat
 
         fallback = fallback_of(_own_queue) or _own_queue
-        store = store_for(settings.backend, settings.home)
+        store = store_for(settings.backend, settings.home, settings.registry_namespace)
         _heartbeat = Heartbeat(
             _node, _own_queue, fallback, settings, runtime, store, _queue_depth(_own_queue)
         ).start()

@@ -53,7 +53,11 @@ def test_tiny_run_writes_json_table_and_plots(tmp_path: Path, weights_dir: Path)
     assert machine["cpus"] >= 1 and machine["broker"] == "amqp" and machine["backend"] == "redis"
     assert machine["rabbitmq"] and machine["redis"] and machine["torch"] and machine["celery"]
     lanes = result["lanes"]
-    assert set(lanes) == {*ROUND_TRIP_LANES, "in_process"}
+    assert set(lanes) == {*ROUND_TRIP_LANES, "router", "in_process"}
+    assert lanes["router"]["decision_us_p99"] > 0 and 0 < lanes["router"]["sticky_hit_rate"] <= 1
+    assert (
+        lanes["deployment_noop"]["router_stats"]["decisions"] > 0
+    )  # the lanes went through the router
     for name in ROUND_TRIP_LANES:
         lane = lanes[name]
         assert lane["rounds"] == 3 and lane["requests"] == 15, name
