@@ -313,6 +313,9 @@ class InProcessLane:
         pass
 
     def wait_ready(self) -> None:
+        pass  # loads on its first round, so the client's RSS is measured without torch
+
+    def _load(self) -> None:
         import torch
 
         from models.loader import load_model
@@ -343,6 +346,8 @@ class InProcessLane:
         return batch * iterations / (time.perf_counter() - started)
 
     def run_round(self, cfg: RoundConfig) -> RoundResult:
+        if self.model is None:
+            self._load()
         out = RoundResult()
         for batch in self.batches:
             # Enough iterations to cover about as many samples as a served round.
