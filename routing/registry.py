@@ -2,8 +2,8 @@
 
 Where it lives, and why: in **Redis** (the result backend the deployment
 already runs), one key per worker, ``SET ... PX ttl`` on every heartbeat, so
-a dead worker's record expires by itself within two heartbeat intervals and a
-snapshot is one ``SCAN`` + ``MGET``.  Celery's own mechanisms were the first
+a dead worker's record expires by itself within two heartbeat intervals, and
+an index set of names, so a snapshot is one ``SMEMBERS`` + one ``MGET``.  Celery's own mechanisms were the first
 choice and do not fit: worker-heartbeat *events* need an event consumer
 running in every client process, and an ``inspect`` broadcast waits its whole
 reply timeout (1 s by default) to collect answers.  On the embedded default
@@ -38,27 +38,44 @@ class RegistryStore(Protocol):
 
 
 class RedisStore:
-    """Worker records as Redis keys ``infer:<namespace>:worker:<name>`` with a TTL."""
+    """Worker records as Redis keys ``infer:<namespace>:worker:<name>`` with a TTL.
+
+    An index set (``infer:<namespace>:workers``) lists the names, so a snapshot
+    is ``SMEMBERS`` + ``MGET`` whatever else the database holds (a ``SCAN``
+    over a result backend's keyspace cost 40% of a busy client's CPU);
+    members whose key has expired are pruned on the way.
+    """
 
     def __init__(self, url: str, namespace: str = "default") -> None:
         import redis
 
         self.client = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
         self.prefix = f"infer:{namespace}:worker:"
+        self.index = f"infer:{namespace}:workers"
 
     def publish(self, caps: WorkerCapabilities, ttl_s: float) -> None:
-        self.client.set(self.prefix + caps.name, caps.to_json(), px=int(ttl_s * 1000))
+        pipe = self.client.pipeline(transaction=False)
+        pipe.set(self.prefix + caps.name, caps.to_json(), px=int(ttl_s * 1000))
+        pipe.sadd(self.index, caps.name)
+        pipe.execute()
 
     def remove(self, name: str) -> None:
-        self.client.delete(self.prefix + name)
+        pipe = self.client.pipeline(transaction=False)
+        pipe.delete(self.prefix + name)
+        pipe.srem(self.index, name)
+        pipe.execute()
 
     def load(self) -> list[WorkerCapabilities]:
-        keys = list(self.client.scan_iter(match=self.prefix + "*", count=500))
-        if not keys:
+        names = sorted(
+            n.decode() if isinstance(n, bytes) else n for n in self.client.smembers(self.index)
+        )
+        if not names:
             return []
-        return [
-            WorkerCapabilities.from_json(raw) for raw in self.client.mget(keys) if raw is not None
-        ]
+        raws = self.client.mget([self.prefix + n for n in names])
+        expired = [n for n, raw in zip(names, raws, strict=True) if raw is None]
+        if expired:
+            self.client.srem(self.index, *expired)
+        return [WorkerCapabilities.from_json(raw) for raw in raws if raw is not None]
 
 
 class FileStore:
