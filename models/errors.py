@@ -23,12 +23,14 @@ message, which always says what to do next.
     ├── ModelLoadError             weights missing, unreadable or not safetensors
     │   └── UnsafeWeightsFile      a pickle-based file (.pt/.pth/.bin/.pkl) was offered
     ├── ModelTooLarge              a model does not fit the cache budget at all
-    └── NoCapableWorker            no live worker can serve the request (routing)
+    ├── NoCapableWorker            no live worker can serve the request (routing)
+    └── ChunkFailed                one chunk of an infer_many job failed (names its range)
 """
 
 from __future__ import annotations
 
 __all__ = [
+    "ChunkFailed",
     "ConfigurationError",
     "DtypeMismatch",
     "InferenceError",
@@ -115,3 +117,7 @@ class ModelTooLarge(InferenceError):
 
 class NoCapableWorker(InferenceError):
     """No live worker satisfies the request's requirements."""
+
+
+class ChunkFailed(InferenceError):
+    """One chunk of an ``infer_many`` job failed; the message names its input range."""

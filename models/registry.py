@@ -41,6 +41,10 @@ class ModelSpec:
     # (declared, not measured): the router's min_free_memory_mb for the model.
     memory_mb: int = 64
     half_precision_ok: bool = True  # fp16/bf16 allowed on GPU
+    # Dynamic batching limits for this model; None: the worker's defaults
+    # (INFER_MAX_BATCH_SIZE, INFER_MAX_WAIT_MS).
+    max_batch_size: int | None = None
+    max_wait_ms: float | None = None
     value_range: tuple[int, int] | None = None  # [low, high) for integer inputs
 
     @property
@@ -72,6 +76,7 @@ SPECS: Mapping[str, ModelSpec] = MappingProxyType(
             seed=2002,
             description="small CNN on 3x32x32 images -> 10 logits",
             memory_mb=128,
+            max_batch_size=64,
         ),
         "transformer": ModelSpec(
             name="transformer",

@@ -6,7 +6,8 @@ calls.  Importing this package neither connects to a broker nor imports torch.
 
 from tasks import control  # registers `celery -A tasks inspect capabilities` for the CLI too
 from tasks.app import app
+from tasks.batching import infer_many
 from tasks.diagnostics import noop, sleep
 from tasks.inference import infer
 
-__all__ = ["app", "control", "infer", "noop", "sleep"]
+__all__ = ["app", "control", "infer", "infer_many", "noop", "sleep"]

@@ -40,7 +40,13 @@ class InferenceApp(Celery):
 
 
 app = InferenceApp()
-app.conf.include = ["tasks.inference", "tasks.diagnostics", "tasks.worker", "tasks.control"]
+app.conf.include = [
+    "tasks.inference",
+    "tasks.batching",
+    "tasks.diagnostics",
+    "tasks.worker",
+    "tasks.control",
+]
 
 
 @before_task_publish.connect

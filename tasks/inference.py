@@ -2,9 +2,14 @@
 
 ``infer(model, inputs, dtype=None)`` takes one sample or a batch and returns::
 
-    {"model": "cnn", "outputs": {dtype, shape, data}, "batch_size": 4,
+    {"model": "cnn", "outputs": {dtype, shape, data}, "batch_size": 4, "forward_batch": 4,
      "worker": "cpu0@host", "device": "cpu", "dtype": "fp32",
-     "timing": {"queue_wait_ms": .., "compute_ms": .., "service_ms": .., "total_ms": ..}}
+     "timing": {"queue_wait_ms": .., "batch_wait_ms": .., "compute_ms": .., "service_ms": ..,
+                "total_ms": ..}}
+
+With dynamic batching on (``INFER_BATCHING``, threads pool), a one-sample
+request may share its forward pass with others: ``forward_batch`` says with
+how many, and ``compute_ms`` is that whole pass.
 
 Bad requests raise a :class:`models.errors.RequestError` subclass; Celery
 records it as the task's failure (no retry: retrying cannot help) and the
@@ -99,7 +104,19 @@ def infer(self: InferenceTask, model: str, inputs: Any, dtype: str | None = None
     )
     runtime = get_runtime()
     precision = resolve_dtype(dtype, spec, runtime.device)
-    outputs, compute_ms = forward(runtime.model(spec, precision), batch, runtime.device, precision)
+    batch_size, batch_wait_ms = int(batch.shape[0]), 0.0
+    if runtime.batcher is not None and batch.shape[0] == 1:
+        # One sample: join other concurrent requests for the same key in one forward pass.
+        key = (spec.name, precision, batch.shape[1:], batch.dtype.str)
+        future = runtime.batcher.submit(key, batch[0])
+        row, batch_size, batch_wait_ms, compute_ms = future.result(
+            timeout=settings.task_soft_time_limit
+        )
+        outputs = row[None]
+    else:
+        outputs, compute_ms = forward(
+            runtime.model(spec, precision), batch, runtime.device, precision
+        )
     check_size(outputs.nbytes, settings.max_payload_bytes)
     finished = time.time()
     sent_at = getattr(self.request, SENT_AT_HEADER, None)
@@ -108,11 +125,13 @@ def infer(self: InferenceTask, model: str, inputs: Any, dtype: str | None = None
         "model": spec.name,
         "outputs": encode(outputs, binary=settings.binary_tensors),
         "batch_size": int(batch.shape[0]),
+        "forward_batch": batch_size,  # samples in the forward pass that served this request
         "worker": self.request.hostname,
         "device": str(runtime.device),
         "dtype": precision,
         "timing": {
             "queue_wait_ms": max(0.0, (started - sent) * 1000.0),
+            "batch_wait_ms": batch_wait_ms,
             "compute_ms": compute_ms,
             "service_ms": (finished - started) * 1000.0,
             "total_ms": max(0.0, (finished - sent) * 1000.0),

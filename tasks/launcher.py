@@ -39,16 +39,19 @@ class WorkerProcess:
         queues: list[str] | None = None,
         preload: tuple[str, ...] = (),
         command: list[str] | None = None,
+        batching: bool = False,
     ) -> None:
         self.name = name
         self.device = device
         self.logfile = logdir / f"worker-{name}.log"
         self.queues = queues
         # Another app's worker (the benchmark's vanilla Celery peer) may pass its own argv.
-        self.command = command or worker_argv(name, device, queues)
+        self.command = command or worker_argv(name, device, queues, batching=batching)
         self.env = dict(os.environ if env is None else env)
         self.env["INFER_DEVICE"] = device
         self.env["INFER_PRELOAD"] = ",".join(preload)
+        if batching:
+            self.env["INFER_BATCHING"] = "true"
         self.env.setdefault("PYTHONUNBUFFERED", "1")
         self.proc: subprocess.Popen[bytes] | None = None
 

@@ -31,7 +31,7 @@ from tasks.settings import Settings
 
 __all__ = ["build_router", "get_router", "requirements_for", "route", "wait_for_workers"]
 
-ROUTED_TASKS = frozenset({"tasks.infer", "tasks.diag.noop"})
+ROUTED_TASKS = frozenset({"tasks.infer", "tasks.diag.noop", "tasks.gather"})
 
 _router: CapabilityRouter | None = None
 _lock = threading.Lock()
@@ -43,7 +43,7 @@ def requirements_for(
     """Requirements of an inference call from the registry and its own arguments; None if not routed."""
     if name not in ROUTED_TASKS:
         return None
-    if name == "tasks.diag.noop":
+    if name != "tasks.infer":
         return TaskRequirements()  # any live worker
     model = args[0] if args else kwargs.get("model")
     dtype = args[2] if len(args) > 2 else kwargs.get("dtype")

@@ -96,6 +96,9 @@ class Settings:
     INFER_MEMORY_MB                   advertised device memory (0: measure)      0
     INFER_DTYPES                      advertised precisions (empty: device's)    (device)
     INFER_REGISTRY_NAMESPACE          workers and clients that see each other    default
+    INFER_BATCHING                    dynamic batching in this worker            false
+    INFER_MAX_BATCH_SIZE              default largest dynamic batch              32
+    INFER_MAX_WAIT_MS                 default longest wait for a batch to fill   5.0
     ================================  =========================================  ==============
     """
 
@@ -136,6 +139,9 @@ class Settings:
     memory_mb: int = 0
     dtypes: tuple[str, ...] = ()
     registry_namespace: str = "default"
+    batching: bool = False
+    max_batch_size: int = 32
+    max_wait_ms: float = 5.0
 
     def __post_init__(self) -> None:
         if self.serializer not in SERIALIZERS:
@@ -203,6 +209,9 @@ class Settings:
             memory_mb=_int(env, "INFER_MEMORY_MB", cls.memory_mb, minimum=0),
             dtypes=tuple(d.strip() for d in env.get("INFER_DTYPES", "").split(",") if d.strip()),
             registry_namespace=env.get("INFER_REGISTRY_NAMESPACE") or cls.registry_namespace,
+            batching=_bool(env, "INFER_BATCHING", cls.batching),
+            max_batch_size=_int(env, "INFER_MAX_BATCH_SIZE", cls.max_batch_size),
+            max_wait_ms=_float(env, "INFER_MAX_WAIT_MS", cls.max_wait_ms),
         )
 
     @property

@@ -17,8 +17,10 @@ import logging
 import os
 import sys
 import threading
+from collections.abc import Hashable
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from celery.signals import (
     celeryd_after_setup,
     worker_init,
@@ -32,6 +34,7 @@ from models.registry import ModelSpec, get_spec
 from routing.queues import direct_queue, fallback_of
 from routing.registry import store_for
 from tasks.app import app
+from tasks.batcher import BatchPolicy, DynamicBatcher
 from tasks.settings import Settings
 
 if TYPE_CHECKING:
@@ -61,6 +64,46 @@ class WorkerRuntime:
         self.cache: ModelCache[tuple[str, str], nn.Module] = ModelCache(
             settings.cache_budget_mb * 1024 * 1024, load=self._load, size_of=size_of
         )
+        self.batcher: DynamicBatcher | None = None
+        if settings.batching:
+            self.batcher = DynamicBatcher(self._run_batch, self._policy, self._memory_cap)
+        self._sample_bytes: dict[Hashable, int] = {}
+
+    # Batch key: (model, compute precision, sample shape, input dtype).
+    def _policy(self, key: Hashable) -> BatchPolicy:
+        spec = get_spec(key[0])  # type: ignore[index]
+        return BatchPolicy(
+            max_batch_size=spec.max_batch_size or self.settings.max_batch_size,
+            max_wait_ms=spec.max_wait_ms
+            if spec.max_wait_ms is not None
+            else self.settings.max_wait_ms,
+        )
+
+    def _run_batch(self, key: Hashable, stacked: np.ndarray) -> tuple[np.ndarray, float]:
+        import torch
+
+        from models.runner import forward
+
+        name, precision = key[0], key[1]  # type: ignore[index]
+        model = self.model(get_spec(name), precision)
+        if self.device.type != "cuda":
+            return forward(model, stacked, self.device, precision)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        before = torch.cuda.memory_allocated(self.device)
+        result = forward(model, stacked, self.device, precision)
+        peak = torch.cuda.max_memory_allocated(self.device) - before
+        self._sample_bytes[key] = max(self._sample_bytes.get(key, 0), peak // len(stacked))
+        return result
+
+    def _memory_cap(self, key: Hashable, sample: np.ndarray) -> int | None:
+        """Largest batch the device's free memory allows for this key (measured per sample)."""
+        per_sample = self._sample_bytes.get(key)
+        if self.device.type != "cuda" or not per_sample:
+            return None  # host RAM, or not measured yet (the first batch measures it)
+        import torch
+
+        free, _ = torch.cuda.mem_get_info(self.device)
+        return int(free * 0.8 // per_sample)
 
     def _load(self, key: tuple[str, str]) -> nn.Module:
         from models.loader import load_model
@@ -190,7 +233,12 @@ def _preload_in_child(**_: Any) -> None:
 
 
 def worker_argv(
-    name: str, device: str, queues: list[str] | None = None, loglevel: str = "INFO"
+    name: str,
+    device: str,
+    queues: list[str] | None = None,
+    loglevel: str = "INFO",
+    batching: bool = False,
+    concurrency: int = 32,
 ) -> list[str]:
     """The ``celery worker`` command line for a worker bound to ``device``.
 
@@ -211,9 +259,9 @@ def worker_argv(
         "-Q",
         ",".join(queues),
         "-P",
-        "prefork",
+        "threads" if batching else "prefork",
         "-c",
-        "1",
+        str(concurrency) if batching else "1",
         "--without-gossip",
         "--without-mingle",
         "-l",
@@ -237,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.print:
         return 0
     os.environ["INFER_DEVICE"] = args.device
+    if args.batching:
+        os.environ["INFER_BATCHING"] = "true"
     # Run celery with this interpreter, so a virtualenv need not be on PATH.
     os.execv(sys.executable, [sys.executable, "-m", "celery", *cmd[1:]])  # noqa: S606
     return 1  # pragma: no cover - exec does not return

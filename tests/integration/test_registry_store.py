@@ -16,9 +16,17 @@ pytestmark = pytest.mark.integration
 
 def record(name: str) -> WorkerCapabilities:
     return WorkerCapabilities(
-        name=name, queue=f"cpu.direct.{name}", device_kind="cpu", device_name="cpu", device_index=None,
-        total_memory_mb=1000, free_memory_mb=900, compute_capability=None, dtypes=("fp32",),
-        heartbeat=time.time(), device_class_queue="cpu",
+        name=name,
+        queue=f"cpu.direct.{name}",
+        device_kind="cpu",
+        device_name="cpu",
+        device_index=None,
+        total_memory_mb=1000,
+        free_memory_mb=900,
+        compute_capability=None,
+        dtypes=("fp32",),
+        heartbeat=time.time(),
+        device_class_queue="cpu",
     )
 
 

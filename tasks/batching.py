@@ -1,0 +1,120 @@
+"""Client-side batching with Celery's canvas: ``infer_many`` = chunks -> group -> chord.
+
+``infer_many("cnn", images, batch_size=64)`` splits the inputs into chunks of
+``batch_size`` samples, sends one ``tasks.infer`` per chunk (a ``group``, each
+routed by the capability router), and joins them with a ``chord`` whose body,
+``tasks.gather``, concatenates the outputs in the original order on a worker.
+Every chunk is checked before anything is published, so a bad input raises
+its typed error (naming the index range) with nothing sent.
+
+If a chunk fails on a worker, the chord body does not run (Celery's chord
+semantics) and :meth:`ManyResult.get` raises :class:`ChunkFailed` naming the
+chunk's index range and the cause.  The other chunks still ran:
+:meth:`ManyResult.partial` returns their outputs by index range, so a caller
+can retry just the failed range.
+
+Stock Celery does the same without this helper (see the README)::
+
+    from celery import chord
+    sigs = [infer.s("cnn", images[i:i + 64]) for i in range(0, len(images), 64)]
+    result = chord(sigs)(gather.s())
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from celery import chord
+from celery.result import AsyncResult, GroupResult
+
+from models.errors import ChunkFailed, RequestError
+from models.registry import get_spec
+from models.validation import check_input
+from tasks.app import app
+from tasks.client import outputs
+from tasks.codec import decode, encode, to_array
+from tasks.inference import infer
+
+__all__ = ["ManyResult", "gather", "infer_many"]
+
+
+@app.task(name="tasks.gather")
+def gather(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Chord body: concatenate chunk results (already in header order) into one result."""
+    arrays = [outputs(r) for r in results]
+    binary = app.infer_settings.binary_tensors
+    return {
+        "model": results[0]["model"] if results else None,
+        "outputs": encode(
+            np.concatenate(arrays) if arrays else np.zeros((0,), np.float32), binary=binary
+        ),
+        "batch_size": int(sum(len(a) for a in arrays)),
+        "chunks": len(results),
+        "workers": sorted({r["worker"] for r in results}),
+        "compute_ms": sum(r["timing"]["compute_ms"] for r in results),
+    }
+
+
+class ManyResult:
+    """The pending result of :func:`infer_many`."""
+
+    def __init__(
+        self, body: AsyncResult, header: GroupResult, ranges: list[tuple[int, int]]
+    ) -> None:
+        self.body = body
+        self.header = header
+        self.ranges = ranges
+
+    @property
+    def id(self) -> str:
+        return str(self.body.id)
+
+    def get(self, timeout: float | None = 300.0) -> np.ndarray:
+        """All outputs, in input order; :class:`ChunkFailed` if a chunk failed."""
+        try:
+            reply = self.body.get(timeout=timeout, interval=0.01)
+        except Exception as e:
+            for (lo, hi), child in zip(self.ranges, self.header.results, strict=True):
+                if child.failed():
+                    cause = child.result
+                    raise ChunkFailed(
+                        f"inputs [{lo}:{hi}] failed: {type(cause).__name__}: {cause}; the other chunks "
+                        "succeeded (ManyResult.partial() has them): fix or drop that range and retry it"
+                    ) from e
+            raise
+        return decode(reply["outputs"], 1 << 62)
+
+    def partial(self) -> dict[tuple[int, int], np.ndarray]:
+        """Outputs of the chunks that succeeded, by input index range."""
+        return {
+            span: outputs(child.result)
+            for span, child in zip(self.ranges, self.header.results, strict=True)
+            if child.successful()
+        }
+
+
+def infer_many(
+    model: str, inputs: Any, batch_size: int = 64, dtype: str | None = None, **options: Any
+) -> ManyResult:
+    """Run ``model`` over many inputs in chunks of ``batch_size``; see the module docstring."""
+    if batch_size < 1:
+        raise RequestError(f"batch_size must be >= 1, got {batch_size}")
+    spec = get_spec(model)
+    array = to_array(inputs)
+    if array is None:
+        array = decode(inputs, 1 << 62)
+    if array.ndim == len(spec.sample_shape):
+        array = array[None]
+    limit = app.infer_settings.max_payload_bytes
+    ranges = [(lo, min(lo + batch_size, len(array))) for lo in range(0, len(array), batch_size)]
+    if not ranges:
+        raise RequestError("infer_many needs at least one input")
+    for lo, hi in ranges:  # check everything before publishing anything
+        try:
+            check_input(spec, array[lo:hi], limit)
+        except RequestError as e:
+            raise type(e)(f"inputs [{lo}:{hi}]: {e}") from e
+    header = [infer.s(model, array[lo:hi], dtype).set(**options) for lo, hi in ranges]
+    body = chord(header)(gather.s())
+    return ManyResult(body, body.parent, ranges)
