@@ -27,6 +27,7 @@ from tasks.launcher import WorkerProcess
 __all__ = [
     "AmqpFloorLane",
     "CeleryLane",
+    "ChunkedLane",
     "DramatiqLane",
     "InProcessLane",
     "Lane",
@@ -72,6 +73,7 @@ class RoundTripLane:
     """A lane of request/response round trips: subclasses give ``submit`` and ``wait``."""
 
     name: str
+    window: int | None = None  # requests in flight for throughput; None: the plan's
 
     def submit(self) -> Any:
         raise NotImplementedError
@@ -93,8 +95,9 @@ class RoundTripLane:
         in_flight: deque[Any] = deque()
         publish_s = 0.0
         started = time.perf_counter()
+        window = self.window or cfg.window
         for _ in range(cfg.window_requests):
-            if len(in_flight) >= cfg.window:
+            if len(in_flight) >= window:
                 self.wait(in_flight.popleft())
             t0 = time.perf_counter()
             in_flight.append(self.submit())
@@ -138,10 +141,13 @@ def _stop_session(proc: subprocess.Popen[bytes] | None) -> None:
 class CeleryLane(RoundTripLane):
     """Round trips of one Celery task through ``submit()`` to a real worker process."""
 
-    def __init__(self, name: str, submit: Callable[[], Any], worker: WorkerProcess) -> None:
+    def __init__(
+        self, name: str, submit: Callable[[], Any], worker: WorkerProcess, window: int | None = None
+    ) -> None:
         self.name = name
         self._submit = submit
         self.worker = worker
+        self.window = window
 
     def submit(self) -> Any:
         return self._submit()
@@ -292,6 +298,44 @@ class DramatiqLane(RoundTripLane):
         _stop_session(self.proc)
         self.peer.broker.close()
         _delete_queues([self.queue, f"{self.queue}.DQ", f"{self.queue}.XQ"])
+
+
+class ChunkedLane:
+    """``infer_many`` over many inputs at one batch size: served samples/s with canvas batching."""
+
+    name = "deployment_infer_chunked"
+
+    def __init__(self, model: str, batch: int, sample_shape: tuple[int, ...], queue: str) -> None:
+        self.model, self.batch, self.queue = model, batch, queue
+        self.sample_shape = sample_shape
+
+    def start(self) -> None:
+        pass
+
+    def wait_ready(self) -> None:
+        self._run(self.batch * 2)
+
+    def _run(self, n: int) -> float:
+        import numpy as np
+
+        from tasks import infer_many
+
+        x = np.random.default_rng(n).standard_normal((n, *self.sample_shape), dtype=np.float32)
+        started = time.perf_counter()
+        infer_many(self.model, x, batch_size=self.batch, queue=self.queue).get(timeout=600)
+        return n / (time.perf_counter() - started)
+
+    def run_round(self, cfg: RoundConfig) -> RoundResult:
+        n = max(4, cfg.window_requests // self.batch) * self.batch
+        out = RoundResult()
+        out.samples_per_s = {str(self.batch): self._run(n)}
+        return out
+
+    def rss_mb(self) -> float | None:
+        return None
+
+    def stop(self) -> None:
+        pass
 
 
 class InProcessLane:

@@ -19,6 +19,7 @@ from benchmarks import vanilla
 from benchmarks.lanes import (
     AmqpFloorLane,
     CeleryLane,
+    ChunkedLane,
     DramatiqLane,
     InProcessLane,
     Lane,
@@ -38,6 +39,7 @@ __all__ = ["Plan", "run"]
 
 MODEL = "cnn"
 BATCHES = (1, 64)
+BATCHED_WINDOW = 64  # single-sample requests in flight for the dynamic batching lane
 
 
 @dataclass(frozen=True)
@@ -105,6 +107,27 @@ def build_lanes(plan: Plan, logdir: Path) -> list[Lane]:
     lanes.append(
         _SharedWorkerLane("deployment_infer", lambda: infer.apply_async((MODEL, x)), deploy)
     )
+    # Dynamic batching: a threads-pool worker of its own; many single-sample requests in flight.
+    bname = f"bench-b-{run}"
+    batched = WorkerProcess(
+        bname,
+        plan.device,
+        logdir=logdir,
+        batching=True,
+        preload=(MODEL,),
+        queues=[direct_queue(f"bench-b-{run}", bname), f"bench-b-{run}"],
+        # Out of the router's sight, so the routed lanes keep measuring the batch-1 worker.
+        env=dict(os.environ, INFER_REGISTRY_NAMESPACE=f"bench-batched-{run}"),
+    )
+    lanes.append(
+        CeleryLane(
+            "deployment_infer_batched",
+            lambda: infer.apply_async((MODEL, x), queue=batched.own_queue),
+            batched,
+            window=BATCHED_WINDOW,
+        )
+    )
+    lanes.append(ChunkedLane(MODEL, max(BATCHES), x.shape, deploy.own_queue))
     if importlib.util.find_spec("dramatiq") is not None:  # optional peer: pip install '.[peers]'
         lanes.append(DramatiqLane(logdir))
     lanes.append(RouterLane())
@@ -212,6 +235,10 @@ def _summarise(name: str, rounds: list[RoundResult], worker_rss: float | None) -
             "registry": "64 workers x 16 models (decisions); 8 models over 4 workers (hit rate)",
             "rounds": len(rounds),
         }
+    if name == "deployment_infer_chunked":
+        by_batch = median_of_rounds([r.samples_per_s for r in rounds])
+        ((batch, rate),) = by_batch.items()
+        return {"model": MODEL, "batch": int(batch), "samples_per_s": rate, "rounds": len(rounds)}
     if name == "in_process":
         by_batch = median_of_rounds([r.samples_per_s for r in rounds])
         top = str(max(BATCHES))
@@ -230,8 +257,10 @@ def _summarise(name: str, rounds: list[RoundResult], worker_rss: float | None) -
         "rounds": len(rounds),
         "worker_rss_mb": worker_rss,
     }
-    if name == "deployment_infer":
+    if name in ("deployment_infer", "deployment_infer_batched"):
         lane.update(model=MODEL, samples_per_s=lane["throughput_per_s"])
+    if name == "deployment_infer_batched":
+        lane["window"] = BATCHED_WINDOW
     keys = rounds[0].breakdown_ms.keys()
     if keys:
         lane["breakdown_ms"] = {
@@ -246,6 +275,13 @@ def ratios(lanes: dict[str, Any]) -> dict[str, float | None]:
     def p50(name: str) -> float | None:
         return lanes.get(name, {}).get("rtt_ms", {}).get("p50")
 
+    def p95(name: str) -> float | None:
+        return lanes.get(name, {}).get("rtt_ms", {}).get("p95")
+
+    def tput(name: str) -> float | None:
+        return lanes.get(name, {}).get("throughput_per_s")
+
+    batched = lanes.get("deployment_infer_batched", {})
     in_process = lanes.get("in_process", {}).get("by_batch", {})
     infer_rate = lanes.get("deployment_infer", {}).get("samples_per_s")
     floor = p50("amqp_floor")
@@ -263,6 +299,20 @@ def ratios(lanes: dict[str, Any]) -> dict[str, float | None]:
         ),
         "router_decision_p99_us": lanes.get("router", {}).get("decision_us_p99"),
         "router_sticky_hit_rate": lanes.get("router", {}).get("sticky_hit_rate"),
+        "batched_vs_infer_samples": ratio(batched.get("samples_per_s"), infer_rate),
+        "batched_vs_infer_p95": ratio(
+            batched.get("rtt_ms", {}).get("p95"), p95("deployment_infer")
+        ),
+        "batched_req_s_vs_celery_baseline_noop": ratio(
+            batched.get("throughput_per_s"), tput("celery_baseline")
+        ),
+        "batched_req_s_vs_celery_tuned_noop": ratio(
+            batched.get("throughput_per_s"), tput("celery_tuned")
+        ),
+        "batched_req_s_vs_dramatiq_noop": ratio(batched.get("throughput_per_s"), tput("dramatiq")),
+        "chunked_vs_in_process_batch64_samples": ratio(
+            lanes.get("deployment_infer_chunked", {}).get("samples_per_s"), in_process.get("64")
+        ),
         "deployment_infer_vs_in_process_batch1_samples": ratio(infer_rate, in_process.get("1")),
         "deployment_infer_vs_in_process_batch64_samples": ratio(infer_rate, in_process.get("64")),
     }

@@ -71,11 +71,13 @@ class DynamicBatcher:
         policy: Callable[[Hashable], BatchPolicy],
         memory_cap: Callable[[Hashable, np.ndarray], int | None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        active: Callable[[], int] | None = None,
     ) -> None:
         self._run_batch = run_batch
         self._policy = policy
         self._memory_cap = memory_cap
         self._clock = clock
+        self._active = active
         self._pending: dict[Hashable, list[Pending]] = {}
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -107,10 +109,14 @@ class DynamicBatcher:
         ready: list[Ready] = []
         next_due: float | None = None
         with self._cond:
+            waiting = sum(len(items) for items in self._pending.values())
+            everyone_here = self._active is not None and waiting >= self._active()
             for key, items in list(self._pending.items()):
                 cap = self.cap(key, items[0].sample)
                 wait_s = self._policy(key).max_wait_ms / 1000.0
-                while items and (len(items) >= cap or now - items[0].enqueued >= wait_s):
+                while items and (
+                    len(items) >= cap or everyone_here or now - items[0].enqueued >= wait_s
+                ):
                     ready.append(Ready(key, items[:cap]))
                     del items[:cap]
                 if items:

@@ -85,8 +85,9 @@ class ManyResult:
             raise
         return decode(reply["outputs"], 1 << 62)
 
-    def partial(self) -> dict[tuple[int, int], np.ndarray]:
-        """Outputs of the chunks that succeeded, by input index range."""
+    def partial(self, timeout: float | None = 300.0) -> dict[tuple[int, int], np.ndarray]:
+        """Outputs of the chunks that succeeded, by input index range (waits for all to finish)."""
+        self.header.join(timeout=timeout, propagate=False, interval=0.01)
         return {
             span: outputs(child.result)
             for span, child in zip(self.ranges, self.header.results, strict=True)

@@ -24,12 +24,17 @@ if TYPE_CHECKING:
     from tasks.settings import Settings
     from tasks.worker import WorkerRuntime
 
-__all__ = ["Heartbeat"]
+__all__ = ["Heartbeat", "running_tasks"]
 
 log = logging.getLogger(__name__)
 
 _running = 0
 _running_lock = threading.Lock()
+
+
+def running_tasks() -> int:
+    """Tasks running in this process right now."""
+    return _running
 
 
 @task_prerun.connect

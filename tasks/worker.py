@@ -66,7 +66,11 @@ class WorkerRuntime:
         )
         self.batcher: DynamicBatcher | None = None
         if settings.batching:
-            self.batcher = DynamicBatcher(self._run_batch, self._policy, self._memory_cap)
+            from tasks.heartbeat import running_tasks
+
+            self.batcher = DynamicBatcher(
+                self._run_batch, self._policy, self._memory_cap, active=running_tasks
+            )
         self._sample_bytes: dict[Hashable, int] = {}
 
     # Batch key: (model, compute precision, sample shape, input dtype).

@@ -13,6 +13,7 @@ import pytest
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 ROUND_TRIP_LANES = (
+    "deployment_infer_batched",
     "amqp_floor",
     "celery_baseline",
     "celery_default",
@@ -53,7 +54,9 @@ def test_tiny_run_writes_json_table_and_plots(tmp_path: Path, weights_dir: Path)
     assert machine["cpus"] >= 1 and machine["broker"] == "amqp" and machine["backend"] == "redis"
     assert machine["rabbitmq"] and machine["redis"] and machine["torch"] and machine["celery"]
     lanes = result["lanes"]
-    assert set(lanes) == {*ROUND_TRIP_LANES, "router", "in_process"}
+    assert set(lanes) == {*ROUND_TRIP_LANES, "router", "in_process", "deployment_infer_chunked"}
+    assert lanes["deployment_infer_chunked"]["samples_per_s"] > 0
+    assert result["ratios"]["batched_vs_infer_samples"] > 0
     assert lanes["router"]["decision_us_p99"] > 0 and 0 < lanes["router"]["sticky_hit_rate"] <= 1
     assert (
         lanes["deployment_noop"]["router_stats"]["decisions"] > 0

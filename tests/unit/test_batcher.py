@@ -115,3 +115,23 @@ def test_submit_runs_through_the_real_thread() -> None:
     futures = [batcher.submit("k", np.array([float(i)])) for i in range(8)]
     assert [f.result(timeout=5)[0][0] for f in futures] == [2.0 * i for i in range(8)]
     batcher.stop()
+
+
+def test_goes_at_once_when_every_active_request_is_waiting() -> None:
+    model, clock = FakeModel(), Clock()
+    active = [3]
+    batcher = DynamicBatcher(
+        model, lambda key: BatchPolicy(32, 50.0), None, clock, active=lambda: active[0]
+    )
+    enqueue(batcher, "a", 1)
+    enqueue(batcher, "a", 2)
+    assert batcher.take_ready(clock())[0] == []  # a third running task may still join
+    enqueue(batcher, "a", 3)
+    assert [len(r.items) for r in batcher.take_ready(clock())[0]] == [
+        3
+    ]  # all here: no timeout wait
+    active[0] = 1
+    enqueue(batcher, "b", 4)
+    assert [len(r.items) for r in batcher.take_ready(clock())[0]] == [
+        1
+    ]  # a lone request is not delayed
