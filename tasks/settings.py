@@ -9,10 +9,10 @@ filesystem transport plus Celery's file result backend under ``INFER_HOME``.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from models.errors import ConfigurationError
 from models.registry import get_spec
@@ -20,43 +20,45 @@ from models.registry import get_spec
 __all__ = ["Settings"]
 
 SERIALIZERS = ("msgpack", "json")  # pickle is never accepted, on purpose
+T = TypeVar("T")
 
 
-def _int(env: Mapping[str, str], key: str, default: int, minimum: int = 1) -> int:
+def _parse(
+    env: Mapping[str, str], key: str, default: T, convert: Callable[[str], T], what: str
+) -> T:
     raw = env.get(key)
     if raw is None or raw == "":
         return default
     try:
-        value = int(raw)
+        return convert(raw)
     except ValueError as e:
-        raise ConfigurationError(f"{key}={raw!r} is not an integer") from e
+        raise ConfigurationError(f"{key}={raw!r} is not {what}") from e
+
+
+def _int(env: Mapping[str, str], key: str, default: int, minimum: int = 1) -> int:
+    value = _parse(env, key, default, int, "an integer")
     if value < minimum:
         raise ConfigurationError(f"{key}={value} must be at least {minimum}")
     return value
 
 
-def _bool(env: Mapping[str, str], key: str, default: bool) -> bool:
-    raw = env.get(key)
-    if raw is None or raw == "":
-        return default
+def _float(env: Mapping[str, str], key: str, default: float) -> float:
+    value = _parse(env, key, default, float, "a number")
+    if value <= 0:
+        raise ConfigurationError(f"{key}={value} must be positive")
+    return value
+
+
+def _to_bool(raw: str) -> bool:
     if raw.lower() in ("1", "true", "yes", "on"):
         return True
     if raw.lower() in ("0", "false", "no", "off"):
         return False
-    raise ConfigurationError(f"{key}={raw!r} is not a boolean: use true or false")
+    raise ValueError(raw)
 
 
-def _float(env: Mapping[str, str], key: str, default: float) -> float:
-    raw = env.get(key)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = float(raw)
-    except ValueError as e:
-        raise ConfigurationError(f"{key}={raw!r} is not a number") from e
-    if value <= 0:
-        raise ConfigurationError(f"{key}={value} must be positive")
-    return value
+def _bool(env: Mapping[str, str], key: str, default: bool) -> bool:
+    return _parse(env, key, default, _to_bool, "a boolean: use true or false")
 
 
 @dataclass(frozen=True)

@@ -56,6 +56,9 @@ def test_rabbitmq_and_redis_from_standard_variables(tmp_path: Path) -> None:
         ({"INFER_MAX_PAYLOAD_BYTES": "lots"}, "not an integer"),
         ({"INFER_CACHE_BUDGET_MB": "0"}, "at least 1"),
         ({"INFER_WORKER_INIT_TIMEOUT": "-1"}, "positive"),
+        ({"INFER_HEARTBEAT_S": "soon"}, "not a number"),
+        ({"INFER_BATCHING": "maybe"}, "not a boolean"),
+        ({"INFER_DTYPES": "fp8"}, "INFER_DTYPES"),
     ],
 )
 def test_bad_settings_raise_configuration_error(env: dict[str, str], fragment: str) -> None:
