@@ -8,7 +8,7 @@ WEIGHTS  := $(or $(INFER_WEIGHTS_DIR),$(HOME_DIR)/weights)/.built
 NAME   ?= cpu0
 DEVICE ?= cpu
 
-.PHONY: demo test unit integration lint bench bench-quick worker weights flower clean
+.PHONY: demo test unit integration lint bench bench-quick celery-batches-venv worker weights flower clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -49,11 +49,22 @@ test: lint $(WEIGHTS)
 BENCH_ENV := CELERY_BROKER_URL=$${CELERY_BROKER_URL:-amqp://guest:guest@127.0.0.1:5672//} \
 	CELERY_RESULT_BACKEND=$${CELERY_RESULT_BACKEND:-redis://127.0.0.1:6379/0}
 
+# celery-batches pins celery < 5.7: it gets its own environment, used by the bench when present.
+CB_VENV := .venv-celery-batches
+$(CB_VENV)/.installed:
+	test -x $(CB_VENV)/bin/python || $(PYTHON) -m venv $(CB_VENV)
+	$(CB_VENV)/bin/python -m pip install --quiet "celery[redis,msgpack]==5.6.3" "celery-batches==0.11" \
+		"torch==2.13.0" "numpy==2.4.6" "safetensors==0.8.0"
+	touch $@
+
+celery-batches-venv: $(CB_VENV)/.installed
+
 bench: $(WEIGHTS)
-	$(BENCH_ENV) $(PY) -m benchmarks --json var/bench/latest.json
+	$(BENCH_ENV) BENCH_CELERY_BATCHES_PYTHON=$$(test -x $(CB_VENV)/bin/python && echo $(CB_VENV)/bin/python) \
+		$(PY) -m benchmarks --json var/bench/latest.json
 
 bench-quick: $(WEIGHTS)
 	$(BENCH_ENV) $(PY) -m benchmarks --quick --json var/bench/quick.json
 
 clean:
-	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(CB_VENV) var .pytest_cache .mypy_cache .ruff_cache

@@ -32,6 +32,7 @@ from benchmarks.router_lane import RouterLane
 from benchmarks.stats import median_of_rounds, percentiles, ratio
 from routing.queues import direct_queue
 from tasks import app, infer, noop
+from tasks.codec import encode
 from tasks.launcher import WorkerProcess
 from tasks.routes import get_router, wait_for_workers
 
@@ -128,6 +129,13 @@ def build_lanes(plan: Plan, logdir: Path) -> list[Lane]:
         )
     )
     lanes.append(ChunkedLane(MODEL, max(BATCHES), x.shape, deploy.own_queue))
+    peer_python = os.environ.get("BENCH_CELERY_BATCHES_PYTHON")
+    if (
+        peer_python
+    ):  # celery-batches needs celery < 5.7: its own environment (make celery-batches-venv)
+        lanes.append(
+            _celery_batches_lane(peer_python, run, logdir, settings.broker, settings.backend, x)
+        )
     if importlib.util.find_spec("dramatiq") is not None:  # optional peer: pip install '.[peers]'
         lanes.append(DramatiqLane(logdir))
     lanes.append(RouterLane())
@@ -138,6 +146,54 @@ def build_lanes(plan: Plan, logdir: Path) -> list[Lane]:
     if plan.lanes:
         lanes = [lane for lane in lanes if lane.name in plan.lanes]
     return lanes
+
+
+def _celery_batches_lane(
+    python: str, run: str, logdir: Path, broker: str, backend: str, x: np.ndarray
+) -> CeleryLane:
+    queue = f"bench-cb-{run}"
+    client = Celery("celery-batches-client", set_as_current=False)
+    client.conf.update(
+        broker_url=broker,
+        result_backend=backend,
+        task_serializer="msgpack",
+        result_serializer="msgpack",
+        accept_content=["msgpack", "json"],
+        result_accept_content=["msgpack", "json"],
+    )
+    envelope = encode(x, binary=True)
+    name = f"cb-{run}"
+    worker = WorkerProcess(
+        name,
+        "cpu",
+        logdir=logdir,
+        python=python,
+        env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent)),
+        command=[
+            "celery",
+            "-A",
+            "benchmarks.celery_batches_peer",
+            "worker",
+            "-n",
+            f"{name}@%h",
+            "-Q",
+            queue,
+            "-P",
+            "prefork",
+            "-c",
+            "1",
+            "--without-gossip",
+            "--without-mingle",
+            "-l",
+            "INFO",
+        ],
+    )
+    return CeleryLane(
+        "celery_batches",
+        lambda: client.send_task("celery_batches_peer.infer", args=(envelope,), queue=queue),
+        worker,
+        window=BATCHED_WINDOW,
+    )
 
 
 class _RoutedWorker(WorkerProcess):
@@ -257,7 +313,7 @@ def _summarise(name: str, rounds: list[RoundResult], worker_rss: float | None) -
         "rounds": len(rounds),
         "worker_rss_mb": worker_rss,
     }
-    if name in ("deployment_infer", "deployment_infer_batched"):
+    if name in ("deployment_infer", "deployment_infer_batched", "celery_batches"):
         lane.update(model=MODEL, samples_per_s=lane["throughput_per_s"])
     if name == "deployment_infer_batched":
         lane["window"] = BATCHED_WINDOW
@@ -300,6 +356,9 @@ def ratios(lanes: dict[str, Any]) -> dict[str, float | None]:
         "router_decision_p99_us": lanes.get("router", {}).get("decision_us_p99"),
         "router_sticky_hit_rate": lanes.get("router", {}).get("sticky_hit_rate"),
         "batched_vs_infer_samples": ratio(batched.get("samples_per_s"), infer_rate),
+        "batched_vs_celery_batches_samples": ratio(
+            batched.get("samples_per_s"), lanes.get("celery_batches", {}).get("samples_per_s")
+        ),
         "batched_vs_infer_p95": ratio(
             batched.get("rtt_ms", {}).get("p95"), p95("deployment_infer")
         ),

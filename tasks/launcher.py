@@ -40,6 +40,7 @@ class WorkerProcess:
         preload: tuple[str, ...] = (),
         command: list[str] | None = None,
         batching: bool = False,
+        python: str = sys.executable,
     ) -> None:
         self.name = name
         self.device = device
@@ -53,6 +54,7 @@ class WorkerProcess:
         if batching:
             self.env["INFER_BATCHING"] = "true"
         self.env.setdefault("PYTHONUNBUFFERED", "1")
+        self.python = python  # another environment's interpreter may run a peer worker
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -78,7 +80,7 @@ class WorkerProcess:
     def start(self) -> WorkerProcess:
         self.logfile.parent.mkdir(parents=True, exist_ok=True)
         self.logfile.write_text("")
-        cmd = [sys.executable, "-m", "celery", *self.command[1:], "--logfile", str(self.logfile)]
+        cmd = [self.python, "-m", "celery", *self.command[1:], "--logfile", str(self.logfile)]
         self.proc = subprocess.Popen(
             cmd,
             env=self.env,
