@@ -9,6 +9,11 @@ down only the child: the parent reports it, respawns a child, and
 ``task_reject_on_worker_lost`` sends the message back to the queue.  A
 ``solo``/``threads`` pool also works (the runtime is then built in the main
 process, which never forks), but without enforced hard time limits.
+Workers with dynamic batching (``--batching``) use ``-P threads``: batching
+needs many requests in flight in the one process that owns the device.
+
+Each worker also advertises its capabilities (:mod:`tasks.heartbeat`) from the
+process that owns the runtime, for the router.
 """
 
 from __future__ import annotations
