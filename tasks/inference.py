@@ -60,6 +60,12 @@ class InferenceTask(Task):
         return super().apply_async(args, kwargs, **options)
 
 
+def check_dtype(dtype: object) -> None:
+    """Refuse a compute precision that is not fp32, fp16, bf16, auto or None."""
+    if dtype not in COMPUTE_DTYPES:
+        raise UnsupportedDtype(f"dtype {dtype!r} is not one of fp32, fp16, bf16 or auto")
+
+
 def prepare_request(
     args: list[Any], kwargs: dict[str, Any], serializer: str = "msgpack"
 ) -> tuple[list[Any], dict[str, Any]]:
@@ -73,8 +79,7 @@ def prepare_request(
     inputs = args[1] if in_args else kwargs.get("inputs")
     dtype = args[2] if len(args) > 2 else kwargs.get("dtype")
     spec = get_spec(model)
-    if dtype not in COMPUTE_DTYPES:
-        raise UnsupportedDtype(f"dtype {dtype!r} is not one of fp32, fp16, bf16 or auto")
+    check_dtype(dtype)
     array = to_array(inputs)
     if array is not None:
         check_input(spec, array, settings.max_payload_bytes)
@@ -97,8 +102,7 @@ def infer(self: InferenceTask, model: str, inputs: Any, dtype: str | None = None
     started = time.time()
     settings = app.infer_settings
     spec = get_spec(model)
-    if dtype not in COMPUTE_DTYPES:
-        raise UnsupportedDtype(f"dtype {dtype!r} is not one of fp32, fp16, bf16 or auto")
+    check_dtype(dtype)
     batch = check_input(
         spec, decode(inputs, settings.max_payload_bytes), settings.max_payload_bytes
     )
