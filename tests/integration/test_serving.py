@@ -119,3 +119,13 @@ def test_torch_lives_only_in_the_pool_child(pair: Pair) -> None:
     assert len(children) == 1
     assert not has_torch(a.pid)
     assert has_torch(children[0].pid)
+
+
+def test_predict_helper_returns_the_output_array(pair: Pair, weights_dir: Path) -> None:
+    from tasks.client import predict
+
+    a, _, _ = pair
+    x = sample_inputs(get_spec("mlp"), 3, 11)
+    got = predict("mlp", x, queue=a.own_queue, timeout=60)
+    assert got.shape == (3, 10)
+    assert np.allclose(got, reference("mlp", x, weights_dir), atol=1e-5)
