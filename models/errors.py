@@ -24,7 +24,8 @@ message, which always says what to do next.
     │   └── UnsafeWeightsFile      a pickle-based file (.pt/.pth/.bin/.pkl) was offered
     ├── ModelTooLarge              a model does not fit the cache budget at all
     ├── NoCapableWorker            no live worker can serve the request (routing)
-    └── ChunkFailed                one chunk of an infer_many job failed (names its range)
+    ├── ChunkFailed                one chunk of an infer_many job failed (names its range)
+    └── TaskCrashed                the task killed its worker on every delivery: dead-lettered
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ __all__ = [
     "PayloadTooLarge",
     "RequestError",
     "ShapeMismatch",
+    "TaskCrashed",
     "UnknownModel",
     "UnsafeWeightsFile",
     "UnsupportedDtype",
@@ -121,3 +123,7 @@ class NoCapableWorker(InferenceError):
 
 class ChunkFailed(InferenceError):
     """One chunk of an ``infer_many`` job failed; the message names its input range."""
+
+
+class TaskCrashed(InferenceError):
+    """The task killed its worker process on every delivery and was dead-lettered."""

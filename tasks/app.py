@@ -27,9 +27,19 @@ class InferenceApp(Celery):
 
     def __init__(self, settings: Settings | None = None, **kwargs: Any) -> None:
         kwargs.setdefault("amqp", "tasks.queues:InferenceAMQP")
+        # Every task skips a duplicate delivery whose SUCCESS is stored (tasks.dedup).
+        kwargs.setdefault("task_cls", "tasks.dedup:IdempotentTask")
         super().__init__("tasks", **kwargs)
         self._infer_settings = settings
-        self.add_defaults(lambda: self.infer_settings.celery_config())
+        self.add_defaults(self._config)
+
+    def _config(self) -> dict[str, Any]:
+        config = self.infer_settings.celery_config()
+        if config["task_routes"] and self is not app:
+            from tasks.routes import AppRoute  # tasks.routes imports this module
+
+            config["task_routes"] = [AppRoute(self)]  # its own router, from its own settings
+        return config
 
     @property
     def infer_settings(self) -> Settings:

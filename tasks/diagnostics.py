@@ -1,19 +1,23 @@
-"""Diagnostic tasks for operators and benchmarks: a no-op and a bounded sleep.
+"""Diagnostic tasks for operators, benchmarks and the fault suite.
 
 ``tasks.diag.noop`` measures the deployment's own overhead (same app,
 settings and queues as ``tasks.infer``, no model).  ``tasks.diag.sleep``
-stands in for a long inference when testing redelivery.
+stands in for a long inference when testing redelivery.  ``tasks.diag.crash``
+kills the process running it (a poison task), only on a worker started with
+``INFER_FAULT_INJECTION=true``; anywhere else it fails with a RequestError.
 """
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from typing import Any
 
 from models.errors import RequestError
 from tasks.app import SENT_AT_HEADER, app
 
-__all__ = ["noop", "sleep"]
+__all__ = ["crash", "noop", "sleep"]
 
 
 @app.task(bind=True, name="tasks.diag.noop")
@@ -33,3 +37,14 @@ def sleep(self: Any, seconds: float) -> dict[str, Any]:
     time.sleep(seconds)
     info = self.request.delivery_info or {}
     return {"worker": self.request.hostname, "redelivered": bool(info.get("redelivered"))}
+
+
+@app.task(bind=True, name="tasks.diag.crash")
+def crash(self: Any) -> None:
+    """SIGKILL the process running this task, every time it is delivered (fault tests only)."""
+    if not app.infer_settings.fault_injection:
+        raise RequestError(
+            "tasks.diag.crash kills its worker: it runs only on workers started with "
+            "INFER_FAULT_INJECTION=true"
+        )
+    os.kill(os.getpid(), signal.SIGKILL)

@@ -21,20 +21,19 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from celery import Task
-
 from models.errors import RequestError, UnsupportedDtype
 from models.registry import get_spec
 from models.validation import check_input, check_size
 from tasks.app import SENT_AT_HEADER, app
 from tasks.codec import decode, encode, to_array
+from tasks.dedup import IdempotentTask
 
 __all__ = ["InferenceTask", "infer"]
 
 COMPUTE_DTYPES = (None, "auto", "fp32", "fp16", "bf16")
 
 
-class InferenceTask(Task):
+class InferenceTask(IdempotentTask):
     """Base for inference tasks: checks and encodes inputs in the caller before publishing.
 
     ``infer.apply_async(("cnn", array))`` accepts a numpy array or a torch

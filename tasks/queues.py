@@ -1,9 +1,11 @@
-"""Celery queue declarations that know about direct queues (see :mod:`routing.queues`).
+"""Celery queue declarations with the deployment's queue arguments (see :mod:`routing.queues`).
 
-Celery creates a missing queue (``-Q name`` on a worker, ``queue=name`` in
-``apply_async``) through ``app.amqp.queues.new_missing``; ours adds the
-dead-letter arguments to direct queues, so workers and clients always declare
-them identically.
+Every task queue Celery knows about, the default ``cpu`` queue, a worker's
+``-Q`` list and any queue named in ``apply_async(queue=...)``, is declared
+with the arguments :func:`routing.queues.queue_arguments` derives from its
+name: quorum type, delivery limit and dead-letter target, and for a direct
+queue its TTL and fallback.  Workers and clients therefore always declare a
+queue identically.
 """
 
 from __future__ import annotations
@@ -13,32 +15,76 @@ from typing import Any
 from celery.app.amqp import AMQP, Queues
 from kombu import Queue
 
-from routing.queues import dead_letter_arguments, fallback_of
+from routing.queues import dead_letter_queue, queue_arguments
 
-__all__ = ["InferenceAMQP", "InferenceQueues"]
+__all__ = ["InferenceAMQP", "InferenceQueues", "declare_topology"]
 
 
 class InferenceQueues(Queues):
-    """Queues whose missing direct queues get a TTL and a dead-letter fallback."""
+    """Queues that carry the deployment's x-arguments."""
 
-    direct_ttl_ms = 4000
+    def __init__(
+        self,
+        *args: Any,
+        queue_type: str = "quorum",
+        delivery_limit: int = 5,
+        direct_ttl_ms: int = 4000,
+        **kwargs: Any,
+    ) -> None:
+        self.queue_type = queue_type
+        self.delivery_limit = delivery_limit
+        self.direct_ttl_ms = direct_ttl_ms
+        super().__init__(*args, **kwargs)
 
-    def new_missing(self, name: str) -> Queue:
-        queue = super().new_missing(name)
-        fallback = fallback_of(name)
-        if fallback is None:
-            return queue
-        arguments = {
-            **(queue.queue_arguments or {}),
-            **dead_letter_arguments(fallback, self.direct_ttl_ms),
-        }
-        return Queue(name, queue.exchange, name, queue_arguments=arguments)
+    def __setitem__(self, name: str, queue: Queue) -> None:
+        arguments = queue_arguments(
+            queue.name, self.queue_type, self.delivery_limit, self.direct_ttl_ms
+        )
+        queue.queue_arguments = {**(queue.queue_arguments or {}), **arguments}  # type: ignore[attr-defined]
+        super().__setitem__(name, queue)
 
 
 class InferenceAMQP(AMQP):
-    queues_cls = InferenceQueues
-
     def Queues(self, *args: Any, **kwargs: Any) -> InferenceQueues:
+        settings = self.app.infer_settings
+
+        def build(*a: Any, **kw: Any) -> InferenceQueues:
+            return InferenceQueues(
+                *a,
+                queue_type=settings.queue_type,
+                delivery_limit=settings.delivery_limit,
+                direct_ttl_ms=settings.direct_queue_ttl_ms,
+                **kw,
+            )
+
+        self.queues_cls = build
         queues: InferenceQueues = super().Queues(*args, **kwargs)
-        queues.direct_ttl_ms = self.app.infer_settings.direct_queue_ttl_ms
         return queues
+
+
+def declare_topology(app: Any, names: list[str]) -> list[str]:
+    """Declare ``names``, the app's default queue and their dead-letter queues on RabbitMQ.
+
+    Called by each worker at start.  The dead-letter queues must exist before
+    a poison message is dead-lettered (RabbitMQ drops a dead letter it cannot
+    route), and the default queue's exchange must exist for Celery's native
+    delayed delivery to bind it.  Returns the queues declared (none off AMQP).
+    """
+    declared: list[str] = []
+    with app.connection_for_write() as conn:
+        if conn.transport.driver_type != "amqp":
+            return declared
+        conn.ensure_connection(max_retries=3)
+        channel = conn.default_channel
+        settings = app.infer_settings
+        for name in dict.fromkeys([app.conf.task_default_queue, *names]):
+            app.amqp.queues[name](channel).declare()
+            declared.append(name)
+            dead = dead_letter_queue(name)
+            if dead is not None:
+                arguments = queue_arguments(
+                    dead, settings.queue_type, settings.delivery_limit, settings.direct_queue_ttl_ms
+                )
+                Queue(dead, queue_arguments=arguments)(channel).declare()
+                declared.append(dead)
+    return declared

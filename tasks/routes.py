@@ -29,7 +29,14 @@ from routing.sticky import StickyCache
 from tasks.app import app
 from tasks.settings import Settings
 
-__all__ = ["build_router", "get_router", "requirements_for", "route", "wait_for_workers"]
+__all__ = [
+    "AppRoute",
+    "build_router",
+    "get_router",
+    "requirements_for",
+    "route",
+    "wait_for_workers",
+]
 
 ROUTED_TASKS = frozenset({"tasks.infer", "tasks.diag.noop", "tasks.gather"})
 
@@ -70,18 +77,28 @@ def build_router(settings: Settings) -> CapabilityRouter:
     return router
 
 
-def get_router() -> CapabilityRouter:
-    """This process's router (built on first use)."""
+def get_router(app_: Any = None) -> CapabilityRouter:
+    """The router of ``app_`` (default: ``tasks.app``) in this process, built on first use.
+
+    A second :class:`tasks.app.InferenceApp` with its own settings (another
+    result backend or registry namespace) gets a router of its own.
+    """
     global _router
     with _lock:
-        if _router is None:
-            _router = build_router(app.infer_settings)
-        return _router
+        if app_ is None or app_ is app:
+            if _router is None:
+                _router = build_router(app.infer_settings)
+            return _router
+        router: CapabilityRouter | None = getattr(app_, "_infer_router", None)
+        if router is None:
+            router = build_router(app_.infer_settings)
+            app_._infer_router = router
+        return router
 
 
-def wait_for_workers(hostnames: set[str], timeout: float = 60.0) -> None:
+def wait_for_workers(hostnames: set[str], timeout: float = 60.0, app_: Any = None) -> None:
     """Block until the router's registry sees every one of ``hostnames`` (their heartbeats)."""
-    registry = get_router().registry
+    registry = get_router(app_).registry
     deadline = time.monotonic() + timeout
     while not hostnames <= set(registry.workers()):
         if time.monotonic() > deadline:
@@ -97,3 +114,17 @@ def route(
     if name not in ROUTED_TASKS:
         return None
     return get_router()(name, args, kwargs, options, task, **kw)
+
+
+class AppRoute:
+    """The ``task_routes`` entry of one app: routes with that app's own router."""
+
+    def __init__(self, app_: Any) -> None:
+        self.app = app_
+
+    def __call__(
+        self, name: str, args: Any, kwargs: Any, options: Any, task: Any = None, **kw: Any
+    ) -> dict[str, Any] | None:
+        if name not in ROUTED_TASKS:
+            return None
+        return get_router(self.app)(name, args, kwargs, options, task, **kw)

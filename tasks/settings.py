@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 from models.errors import ConfigurationError
 from models.registry import get_spec
+from routing.queues import QUEUE_TYPES
 
 __all__ = ["Settings"]
 
@@ -101,6 +102,13 @@ class Settings:
     INFER_BATCHING                    dynamic batching in this worker            false
     INFER_MAX_BATCH_SIZE              default largest dynamic batch              32
     INFER_MAX_WAIT_MS                 default longest wait for a batch to fill   5.0
+    INFER_QUEUE_TYPE                  quorum or classic task queues (RabbitMQ)   quorum
+    INFER_DELIVERY_LIMIT              deliveries before a message dead-letters   5
+    INFER_BROKER_HEARTBEAT            AMQP heartbeat, seconds (0: off)           20
+    INFER_PUBLISH_RETRIES             publish retries while the broker is away   10
+    INFER_BACKEND_RETRIES             result-backend retries before failing      30
+    INFER_DEDUPLICATE                 skip tasks whose SUCCESS is already stored  true
+    INFER_FAULT_INJECTION             enable tasks.diag.crash (fault tests only) false
     ================================  =========================================  ==============
     """
 
@@ -144,6 +152,13 @@ class Settings:
     batching: bool = False
     max_batch_size: int = 32
     max_wait_ms: float = 5.0
+    queue_type: str = "quorum"
+    delivery_limit: int = 5
+    broker_heartbeat: int = 20
+    publish_retries: int = 10
+    backend_retries: int = 30
+    deduplicate: bool = True
+    fault_injection: bool = False
 
     def __post_init__(self) -> None:
         if self.serializer not in SERIALIZERS:
@@ -161,6 +176,11 @@ class Settings:
                 f"INFER_TASK_TIME_LIMIT ({self.task_time_limit}s) must be below RabbitMQ's "
                 f"consumer_timeout ({self.rabbitmq_consumer_timeout}s), or the broker closes the "
                 "channel of a worker still running a task: lower the limit or raise consumer_timeout"
+            )
+        if self.queue_type not in QUEUE_TYPES:
+            raise ConfigurationError(
+                f"INFER_QUEUE_TYPE={self.queue_type!r}: use quorum (delivery limit, replicated) "
+                "or classic (RabbitMQ < 3.10, no delivery limit)"
             )
         for name in self.preload:
             get_spec(name)  # UnknownModel names the valid choices
@@ -214,6 +234,13 @@ class Settings:
             batching=_bool(env, "INFER_BATCHING", cls.batching),
             max_batch_size=_int(env, "INFER_MAX_BATCH_SIZE", cls.max_batch_size),
             max_wait_ms=_float(env, "INFER_MAX_WAIT_MS", cls.max_wait_ms),
+            queue_type=env.get("INFER_QUEUE_TYPE") or cls.queue_type,
+            delivery_limit=_int(env, "INFER_DELIVERY_LIMIT", cls.delivery_limit),
+            broker_heartbeat=_int(env, "INFER_BROKER_HEARTBEAT", cls.broker_heartbeat, minimum=0),
+            publish_retries=_int(env, "INFER_PUBLISH_RETRIES", cls.publish_retries, minimum=0),
+            backend_retries=_int(env, "INFER_BACKEND_RETRIES", cls.backend_retries, minimum=0),
+            deduplicate=_bool(env, "INFER_DEDUPLICATE", cls.deduplicate),
+            fault_injection=_bool(env, "INFER_FAULT_INJECTION", cls.fault_injection),
         )
 
     @property
@@ -275,8 +302,36 @@ class Settings:
             "accept_content": list(SERIALIZERS),
             "result_accept_content": list(SERIALIZERS),
             "event_serializer": "json",
+            # At-least-once: ack after the task ran, requeue when the pool
+            # child dies; the queue's delivery limit ends poison loops.
             "task_acks_late": True,
             "task_reject_on_worker_lost": True,
+            "task_default_delivery_mode": "persistent",
+            # Ride out a broker restart instead of failing the caller at once;
+            # after the retries the caller gets the publish error.
+            "task_publish_retry": True,
+            "task_publish_retry_policy": {
+                "max_retries": self.publish_retries,
+                "interval_start": 0,
+                "interval_step": 0.5,
+                "interval_max": 2,
+            },
+            "broker_heartbeat": self.broker_heartbeat,
+            "broker_connection_retry": True,
+            "broker_connection_max_retries": None,  # a worker waits for its broker forever
+            # A connection loss requeues the unacked messages on the broker:
+            # stop running them here, or they would run twice.
+            "worker_cancel_long_running_tasks_on_connection_loss": True,
+            # A redelivered message whose SUCCESS is stored is acked, not rerun
+            # (tasks.dedup extends this to republished copies).
+            "worker_deduplicate_successful_tasks": self.deduplicate,
+            "result_backend_always_retry": True,
+            "result_backend_max_retries": self.backend_retries,
+            "worker_detect_quorum_queues": True,
+            # Quorum queues disable global QoS, so ETA/countdown tasks use
+            # Celery's native delayed delivery, which needs topic exchanges.
+            "task_default_exchange_type": "topic",
+            "task_create_missing_queue_exchange_type": "topic",
             "worker_prefetch_multiplier": self.prefetch_multiplier,
             "task_time_limit": self.task_time_limit,
             "task_soft_time_limit": self.task_soft_time_limit,

@@ -228,12 +228,26 @@ def _preload_in_main(sender: Any = None, **_: Any) -> None:
             _node,
             consumed,
         )
+    if sender is not None:
+        _declare(list(consumed))
     # prefork children preload in worker_process_init; every other pool runs
     # tasks in this very process, which never forks, so load here.
     pool = getattr(sender, "pool_cls", None)
     pool_name = pool if isinstance(pool, str) else getattr(pool, "__module__", "")
     if "prefork" not in str(pool_name):
         _preload()
+
+
+def _declare(queues: list[str]) -> None:
+    from tasks.queues import declare_topology
+
+    try:
+        declared = declare_topology(app, queues)
+    except Exception as e:  # the consumer still declares what it consumes on connect
+        log.error("could not declare the queue topology (dead-letter queues, default queue): %s", e)
+    else:
+        if declared:
+            log.info("declared queues %s", ", ".join(declared))
 
 
 @worker_process_init.connect
