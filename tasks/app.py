@@ -30,6 +30,12 @@ class InferenceApp(Celery):
         # Every task skips a duplicate delivery whose SUCCESS is stored (tasks.dedup).
         kwargs.setdefault("task_cls", "tasks.dedup:IdempotentTask")
         super().__init__("tasks", **kwargs)
+        if settings is not None:
+            # Celery's conf.result_backend prefers the CELERY_RESULT_BACKEND
+            # environment variable over any configuration; an app given its
+            # own settings must use their backend.  (Its broker still comes
+            # from CELERY_BROKER_URL when that is set.)
+            self.backend_cls = settings.backend
         self._infer_settings = settings
         self.add_defaults(self._config)
 
