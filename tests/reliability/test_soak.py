@@ -29,7 +29,7 @@ def test_soak(fleet: FleetFactory, scale: Scale) -> None:
 def test_sigterm_under_load(fleet: FleetFactory, scale: Scale) -> None:
     """Scenario 7: a warm shutdown finishes its task, returns its prefetch; 0 lost, 0 duplicates."""
     f = fleet(2)
-    for i in range(scale.tasks):
+    for _ in range(scale.tasks):
         f.ledger.send("tasks.diag.sleep", (0.005,), queue=f.queue)
     time.sleep(1.0)  # both workers busy
     victim = f.workers[0]
