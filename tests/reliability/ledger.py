@@ -122,8 +122,9 @@ class Ledger:
         failed: Counter[str] = Counter()
         for meta in outcomes.values():
             if meta["status"] == "FAILURE":
-                result = meta.get("result") or {}
-                failed[str(result.get("exc_type", "?"))] += 1
+                error = meta.get("result")
+                name = type(error).__name__ if isinstance(error, BaseException) else "?"
+                failed[name] += 1
         executions = self.executions()
         report = LedgerReport(
             scenario=self.scenario,

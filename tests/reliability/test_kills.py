@@ -1,0 +1,98 @@
+"""Scenarios 2, 3 and 4: a worker killed, pool children killed, a poison task."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+from models.errors import TaskCrashed
+from routing.queues import dead_letter_queue
+from tasks.routes import wait_for_workers
+from tests.reliability.conftest import FleetFactory, Scale
+from tests.reliability.ledger import sample
+
+pytestmark = [pytest.mark.reliability, pytest.mark.integration]
+
+
+def _wait_started(f: object, task_id: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while f.ledger.executions().get(task_id, 0) < 1:  # type: ignore[attr-defined]
+        assert time.monotonic() < deadline, f"task {task_id} never started"
+        time.sleep(0.05)
+
+
+def test_kill_one_of_two_workers(fleet: FleetFactory, scale: Scale) -> None:
+    """Scenario 2: kill -9 one of 2 workers mid-run; its work finishes on the other."""
+    f = fleet(2)
+    victim, survivor = f.workers
+    wait_for_workers({w.hostname for w in f.workers}, app_=f.app)
+    n = scale.tasks
+    for i in range(n // 2):
+        f.ledger.send("tasks.infer", ("mlp", sample(i)))  # routed: sticky direct queues
+        f.ledger.send("tasks.diag.sleep", (0.01,), queue=f.queue)
+    held = f.ledger.send("tasks.diag.sleep", (3.0,), queue=victim.own_queue)
+    assert held is not None
+    _wait_started(f, held)  # the victim is running it now
+    victim.kill()
+    report = f.ledger.report(timeout=120 + n * 0.05)
+    executions = f.ledger.executions()
+    outcomes = f.ledger.outcomes()
+    rerun = [i for i, count in executions.items() if count > 1]
+    report.extra.update(redelivered=len(rerun))
+    report.save()
+    assert report.lost == 0 and report.failed == {}, report.line()
+    assert report.succeeded == n + 1
+    assert held in rerun  # in flight on the victim: redelivered ...
+    assert all(outcomes[i]["result"]["worker"] == survivor.hostname for i in rerun)  # ... and done
+    assert survivor.alive()
+
+
+def test_kill_pool_child_repeatedly(fleet: FleetFactory, scale: Scale) -> None:
+    """Scenario 3: kill -9 the pool child 5 times under load; 0 lost, no WorkerLostError."""
+    f = fleet(2)
+    target = f.workers[0]
+    for _ in range(scale.tasks):
+        f.ledger.send("tasks.diag.sleep", (0.01,), queue=f.queue)
+    kills = 0
+    for _ in range(5):
+        time.sleep(1.0)
+        for pid in f.pool_children(target):
+            os.kill(pid, signal.SIGKILL)
+            kills += 1
+    report = f.ledger.report(timeout=180, child_kills=kills)
+    assert kills >= 5
+    assert report.lost == 0 and report.succeeded == scale.tasks, report.line()
+    assert "WorkerLostError" not in report.failed and report.failed == {}
+    assert target.alive()
+
+
+def test_poison_task_is_dead_lettered(fleet: FleetFactory, rapp: object) -> None:
+    """Scenario 4: a task that kills its process on every delivery, among 500 good ones."""
+    f = fleet(2)
+    limit = f.app.infer_settings.delivery_limit
+    poison = f.ledger.send("tasks.diag.crash", queue=f.queue)
+    assert poison is not None
+    good = [f.ledger.send("tasks.infer", ("mlp", sample(i)), queue=f.queue) for i in range(500)]
+    with pytest.raises(TaskCrashed, match="dead-letter queue"):
+        f.app.AsyncResult(poison).get(timeout=120)
+    outcomes = f.ledger.wait(timeout=120, ids=[g for g in good if g])
+    assert sum(1 for m in outcomes.values() if m["status"] == "SUCCESS") == 500
+    deliveries = f.ledger.executions()[poison]
+    assert 1 < deliveries <= limit + 1  # redelivered, then stopped at the limit
+    dead = dead_letter_queue(f.queue)
+    assert dead is not None
+    dead_ids = []
+    deadline = time.monotonic() + 30
+    with f.app.connection_for_write() as conn:
+        channel = conn.default_channel
+        while time.monotonic() < deadline and not dead_ids:
+            while (message := channel.basic_get(dead, no_ack=True)) is not None:
+                dead_ids.append(message.headers["id"])
+            time.sleep(0.2)
+    assert dead_ids == [poison]  # the poison task, and no good task, was dead-lettered
+    report = f.ledger.report(timeout=10, poison_deliveries=deliveries, delivery_limit=limit)
+    assert report.lost == 0 and report.failed == {"TaskCrashed": 1}
+    assert all(w.alive() for w in f.workers)
