@@ -9,6 +9,7 @@ kills the process running it (a poison task), only on a worker started with
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import time
@@ -17,7 +18,9 @@ from typing import Any
 from models.errors import RequestError
 from tasks.app import SENT_AT_HEADER, app
 
-__all__ = ["crash", "noop", "sleep"]
+__all__ = ["crash", "noop", "on_error", "sleep"]
+
+log = logging.getLogger(__name__)
 
 
 @app.task(bind=True, name="tasks.diag.noop")
@@ -48,3 +51,10 @@ def crash(self: Any) -> None:
             "INFER_FAULT_INJECTION=true"
         )
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+@app.task(bind=True, name="tasks.diag.on_error")
+def on_error(self: Any, task_id: str) -> dict[str, Any]:
+    """An errback (``link_error``) that records which task failed; returns its id."""
+    log.error("errback: task %s failed", task_id)
+    return {"failed_task": task_id, "worker": self.request.hostname}
