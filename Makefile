@@ -8,7 +8,7 @@ WEIGHTS  := $(or $(INFER_WEIGHTS_DIR),$(HOME_DIR)/weights)/.built
 NAME   ?= cpu0
 DEVICE ?= cpu
 
-.PHONY: demo test unit integration lint bench bench-quick celery-batches-venv worker weights flower clean
+.PHONY: demo test unit integration reliability chaos lint bench bench-quick celery-batches-venv worker weights flower clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -45,6 +45,10 @@ integration: $(WEIGHTS)
 test: lint $(WEIGHTS)
 	$(PY) -m pytest
 
+# The full fault suite (10,000-task soak); `make test` runs the reduced counts.
+reliability: $(WEIGHTS)
+	INFER_RELIABILITY=full $(PY) -m pytest tests/reliability -s
+
 # The benchmark compares against raw AMQP: local RabbitMQ + Redis unless the environment says otherwise.
 BENCH_ENV := CELERY_BROKER_URL=$${CELERY_BROKER_URL:-amqp://guest:guest@127.0.0.1:5672//} \
 	CELERY_RESULT_BACKEND=$${CELERY_RESULT_BACKEND:-redis://127.0.0.1:6379/0}
@@ -62,6 +66,10 @@ celery-batches-venv: $(CB_VENV)/.installed
 bench: $(WEIGHTS)
 	$(BENCH_ENV) BENCH_CELERY_BATCHES_PYTHON=$$(test -x $(CB_VENV)/bin/python && echo $(CB_VENV)/bin/python) \
 		$(PY) -m benchmarks --json var/bench/latest.json
+
+# 10,000 tasks at once: drain time, p99 and 0 lost, as lane "burst" in the benchmark JSON.
+chaos: $(WEIGHTS)
+	$(BENCH_ENV) $(PY) -m benchmarks burst --json var/bench/latest.json
 
 bench-quick: $(WEIGHTS)
 	$(BENCH_ENV) $(PY) -m benchmarks --quick --json var/bench/quick.json

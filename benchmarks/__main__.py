@@ -21,6 +21,11 @@ from benchmarks.run import Plan, run
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["burst"]:  # python -m benchmarks burst: the 10,000-task burst (make chaos)
+        from benchmarks.burst import main as burst
+
+        return burst(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     parser.add_argument(
         "--quick", action="store_true", help="3 short rounds (under 3 minutes on 2 cores)"

@@ -18,7 +18,7 @@ from typing import Any
 from models.errors import RequestError
 from tasks.app import SENT_AT_HEADER, app
 
-__all__ = ["crash", "noop", "on_error", "sleep"]
+__all__ = ["count", "crash", "noop", "on_error", "sleep"]
 
 log = logging.getLogger(__name__)
 
@@ -58,3 +58,10 @@ def on_error(self: Any, task_id: str) -> dict[str, Any]:
     """An errback (``link_error``) that records which task failed; returns its id."""
     log.error("errback: task %s failed", task_id)
     return {"failed_task": task_id, "worker": self.request.hostname}
+
+
+@app.task(bind=True, name="tasks.diag.count")
+def count(self: Any, results: list[Any]) -> dict[str, Any]:
+    """A chord body that counts its header results."""
+    workers = sorted({r["worker"] for r in results if isinstance(r, dict) and "worker" in r})
+    return {"count": len(results), "workers": workers, "worker": self.request.hostname}

@@ -8,7 +8,13 @@ import pytest
 
 from models.errors import ConfigurationError, NoCapableWorker
 from routing.capabilities import TaskRequirements, WorkerCapabilities, match, unmet
-from routing.queues import dead_letter_arguments, direct_queue, fallback_of
+from routing.queues import (
+    dead_letter_arguments,
+    dead_letter_queue,
+    direct_queue,
+    fallback_of,
+    queue_arguments,
+)
 from routing.registry import LiveRegistry
 from routing.router import CapabilityRouter
 from routing.sticky import StickyCache
@@ -259,11 +265,51 @@ def test_direct_queue_names_carry_their_fallback() -> None:
     }
 
 
-def test_celery_declares_direct_queues_with_dead_letter_arguments() -> None:
+def test_queue_arguments_per_kind_of_queue() -> None:
+    quorum = {
+        "x-queue-type": "quorum",
+        "x-delivery-limit": 5,
+        "x-dead-letter-strategy": "at-least-once",
+        "x-overflow": "reject-publish",
+    }
+    # a class queue dead-letters poison messages to <class>.dead
+    assert queue_arguments("gpu") == {
+        **quorum,
+        "x-dead-letter-exchange": "",
+        "x-dead-letter-routing-key": "gpu.dead",
+    }
+    # a direct queue expires and dead-letters into its class queue
+    assert queue_arguments("gpu.direct.gpu0", direct_ttl_ms=250) == {
+        **quorum,
+        **dead_letter_arguments("gpu", 250),
+    }
+    # a dead-letter queue keeps what it gets: no limit, no further dead-lettering
+    assert queue_arguments("gpu.dead") == {"x-queue-type": "quorum"}
+    assert dead_letter_queue("gpu") == "gpu.dead"
+    assert dead_letter_queue("gpu.direct.gpu0") is None and dead_letter_queue("gpu.dead") is None
+    # classic queues: no delivery limit, the direct-queue fallback stays
+    assert queue_arguments("cpu", "classic") == {}
+    assert queue_arguments("cpu.direct.c0", "classic", direct_ttl_ms=9) == dead_letter_arguments(
+        "cpu", 9
+    )
+    with pytest.raises(ValueError, match="queue type"):
+        queue_arguments("cpu", "stream")
+
+
+def test_celery_declares_every_queue_with_its_arguments() -> None:
     from tasks import app
 
-    queue = app.amqp.queues[direct_queue("cpu", "cpu7")]
-    assert queue.queue_arguments == dead_letter_arguments(
-        "cpu", app.infer_settings.direct_queue_ttl_ms
-    )
-    assert not app.amqp.queues["cpu-plain"].queue_arguments
+    settings = app.infer_settings
+    for name in (direct_queue("cpu", "cpu7"), "cpu-plain", "cpu"):
+        assert app.amqp.queues[name].queue_arguments == queue_arguments(
+            name, settings.queue_type, settings.delivery_limit, settings.direct_queue_ttl_ms
+        )
+    assert app.amqp.queues["cpu"].exchange.type == "topic"  # for native delayed delivery
+
+
+def test_delivery_count_header() -> None:
+    from tasks.poison import deliveries
+
+    assert deliveries(None) == 0 and deliveries({}) == 0
+    assert deliveries({"x-delivery-count": 5}) == 5
+    assert deliveries({"x-delivery-count": "junk"}) == 0

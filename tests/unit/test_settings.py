@@ -47,6 +47,19 @@ def test_rabbitmq_and_redis_from_standard_variables(tmp_path: Path) -> None:
     assert "secret" not in s.describe() and "user:***@" in s.describe()
 
 
+def test_reliability_settings_reach_celery() -> None:
+    conf = Settings.from_env(
+        {"CELERY_BROKER_URL": "amqp://h//", "INFER_PUBLISH_RETRIES": "3", "INFER_DEDUPLICATE": "no"}
+    ).celery_config()
+    assert conf["task_acks_late"] and conf["task_reject_on_worker_lost"]
+    assert conf["task_default_delivery_mode"] == "persistent"
+    assert conf["task_publish_retry_policy"]["max_retries"] == 3
+    assert conf["worker_cancel_long_running_tasks_on_connection_loss"] is True
+    assert conf["worker_deduplicate_successful_tasks"] is False
+    assert conf["result_backend_always_retry"] is True
+    assert conf["broker_heartbeat"] == 20
+
+
 @pytest.mark.parametrize(
     ("env", "fragment"),
     [
@@ -59,6 +72,8 @@ def test_rabbitmq_and_redis_from_standard_variables(tmp_path: Path) -> None:
         ({"INFER_HEARTBEAT_S": "soon"}, "not a number"),
         ({"INFER_BATCHING": "maybe"}, "not a boolean"),
         ({"INFER_DTYPES": "fp8"}, "INFER_DTYPES"),
+        ({"INFER_QUEUE_TYPE": "stream"}, "use quorum"),
+        ({"INFER_DELIVERY_LIMIT": "0"}, "at least 1"),
     ],
 )
 def test_bad_settings_raise_configuration_error(env: dict[str, str], fragment: str) -> None:
