@@ -3,8 +3,9 @@
 ``celery -A benchmarks.vanilla worker`` with ``BENCH_VANILLA_PROFILE`` set to:
 
 - ``baseline``: the deployment's durability and nothing else: same broker,
-  backend and serializer, classic durable queues, publisher confirms, late
-  acks, reject on worker loss, prefetch 1, one prefork child.  The ratio
+  backend and serializer, quorum queues (Celery's own
+  ``task_create_missing_queue_type``), publisher confirms, late acks, reject
+  on worker loss, prefetch 1, one prefork child.  The ratio
   ``deployment_noop / celery_baseline`` isolates what our own code adds.
 - ``default``: stock Celery defaults (json, early acks, prefetch 4, prefork
   with one child per CPU, gossip/mingle/heartbeat on), same broker and backend.
@@ -49,6 +50,8 @@ def config(profile: str, broker: str, backend: str, serializer: str) -> dict[str
             task_acks_late=True,
             task_reject_on_worker_lost=True,
             worker_prefetch_multiplier=1,
+            task_default_queue_type="quorum",
+            task_create_missing_queue_type="quorum",
             broker_transport_options={"confirm_publish": True} if broker.startswith("amqp") else {},
         )
     elif profile == "default":

@@ -143,9 +143,13 @@ def worker_env(own_redis: RedisServer, rel_id: str) -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
-def rapp(worker_env: dict[str, str]) -> InferenceApp:
+def rapp(worker_env: dict[str, str]) -> Iterator[InferenceApp]:
     """The client app of the suite: same broker, the suite's own Redis and namespace."""
-    return InferenceApp(Settings.from_env(worker_env))
+    client = InferenceApp(Settings.from_env(worker_env))
+    yield client
+    router = getattr(client, "_infer_router", None)
+    if router is not None:  # stop its registry refresh before the suite's Redis goes
+        router.registry.close()
 
 
 def queue_depth(app: Any, queue: str) -> int:
