@@ -126,6 +126,11 @@ class WorkerRuntime:
         """The cached module for ``spec`` in precision ``dtype`` (loaded on a miss)."""
         return self.cache.get((spec.name, dtype))
 
+    def advertise(self) -> None:
+        """Publish the capabilities now (after a load or unload), not at the next beat."""
+        if _heartbeat is not None:
+            _heartbeat.beat()
+
     def preload(self, names: tuple[str, ...]) -> None:
         """Load each model in its default precision for this device."""
         from models.runner import resolve_dtype
