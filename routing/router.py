@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from models.errors import NoCapableWorker
-from routing.capabilities import TaskRequirements, WorkerCapabilities, best, unmet
+from routing.capabilities import TaskRequirements, WorkerCapabilities, best, match, unmet
 from routing.sticky import StickyCache
 
 __all__ = ["REQUIRES_HEADER", "CapabilityRouter", "RouterStats"]
@@ -139,11 +139,56 @@ class CapabilityRouter:
         finally:
             self.stats.decision_us.append((self._clock() - started) * 1e6)
 
+    def explain(self, req: TaskRequirements) -> list[str]:
+        """The decision ladder for ``req`` as readable lines, without changing any state."""
+        workers = self._workers()
+        lines = [f"requirements: {req}", f"sticky key: {req.key}"]
+        remembered = self.sticky.get(req.key)
+        if remembered is None:
+            lines.append("1. sticky: no entry in this process (each client keeps its own cache)")
+        else:
+            w = workers.get(remembered)
+            state = (
+                "gone (no heartbeat)"
+                if w is None
+                else f"lacks {unmet(req, w)}"
+                if unmet(req, w)
+                else f"in flight {w.in_flight}/{w.max_in_flight}"
+            )
+            lines.append(f"1. sticky: remembered {remembered}: {state}")
+        lines.append(f"2. workers ({len(workers)} live), best first:")
+        ranked = {w.name: i for i, w in enumerate(match(req, workers.values()))}
+        for w in sorted(workers.values(), key=lambda w: ranked.get(w.name, len(ranked))):
+            why = unmet(req, w)
+            if why:
+                lines.append(f"   - {w.name}: cannot serve: lacks {why}")
+            else:
+                lines.append(
+                    f"   - {w.name}: capable; queue {w.queue}; in flight {w.in_flight}/"
+                    f"{w.max_in_flight}; free {w.free_memory_mb} MB; loaded "
+                    f"{', '.join(w.models_loaded) or '-'}"
+                )
+        try:
+            chosen = _peek(self, req, workers)
+        except NoCapableWorker as e:
+            lines.append(f"3. decision: NoCapableWorker: {e}")
+        else:
+            lines.append(f"3. decision: {chosen.name} -> queue {chosen.queue}")
+        return lines
+
     def _count(self, outcome: str, decision: bool = True) -> None:
         with self.stats._lock:
             setattr(self.stats, outcome, getattr(self.stats, outcome) + 1)
             if decision:
                 self.stats.decisions += 1
+
+
+def _peek(
+    router: CapabilityRouter, req: TaskRequirements, workers: Mapping[str, WorkerCapabilities]
+) -> WorkerCapabilities:
+    """What ``decide`` would return, on a copy of the state (no sticky update, no stats)."""
+    probe = CapabilityRouter(lambda: workers, router._requirements_for, router.sticky.copy())
+    return probe.decide(req)
 
 
 def _explain(req: TaskRequirements, workers: Mapping[str, WorkerCapabilities]) -> str:

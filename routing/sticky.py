@@ -34,6 +34,14 @@ class StickyCache:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def copy(self) -> StickyCache:
+        """An independent copy (for what-if questions such as ``celery -A tasks route``)."""
+        other = StickyCache(self.ttl_s, self.max_size, self._now)
+        with self._lock:
+            other._entries = OrderedDict(self._entries)
+            other._per_worker = Counter(self._per_worker)
+        return other
+
     def get(self, key: Hashable) -> str | None:
         """The remembered worker for ``key``, or None (missing or expired)."""
         with self._lock:

@@ -68,3 +68,50 @@ def test_load_and_unload_a_model_from_the_cli(worker_factory: WorkerFactory, run
     reply = _celery("control", "load_model", "mlp", "fp8", "-d", host, env=env)
     assert "fp8" in reply[host]["error"]
     assert worker.alive()
+
+
+def test_route_command_prints_the_decision_ladder(
+    worker_factory: WorkerFactory, run_id: str
+) -> None:
+    namespace = f"rte-{run_id}"
+    env = dict(os.environ, INFER_REGISTRY_NAMESPACE=namespace)
+    shared = f"rte-{run_id}"
+    names = {"fp32": f"rte32-{run_id}", "bf16": f"rte16-{run_id}"}
+    workers = {
+        kind: worker_factory(
+            name,
+            [direct_queue(shared, name), shared],
+            env={**env, "INFER_DTYPES": "fp32" if kind == "fp32" else "fp32,bf16"},
+        )
+        for kind, name in names.items()
+    }
+    for w in workers.values():
+        w.wait_ready()
+    command = [sys.executable, "-m", "celery", "-A", "tasks", "route", "--model", "cnn"]
+    deadline = time.monotonic() + 30
+    while True:
+        out = subprocess.run(
+            [*command, "--dtype", "bf16"], env=env, capture_output=True, text=True, timeout=60
+        )
+        assert out.returncode == 0, out.stderr
+        if "workers (2 live)" in out.stdout or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    lines = out.stdout.splitlines()
+    bf16, fp32 = workers["bf16"].hostname, workers["fp32"].hostname
+    assert any(line.strip().startswith(f"- {fp32}: cannot serve: lacks dtype") for line in lines)
+    assert any(line.strip().startswith(f"- {bf16}: capable") for line in lines)
+    assert lines[-1] == f"3. decision: {bf16} -> queue {workers['bf16'].own_queue}"
+    # a request nobody can serve is explained, and nothing is published
+    out = subprocess.run(
+        [*command, "--device", "cuda"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0 and "decision: NoCapableWorker" in out.stdout
+    bad = subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "tasks", "route", "--model", "resnet9000"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert bad.returncode != 0 and "unknown model" in bad.stderr.lower()
