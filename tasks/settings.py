@@ -58,6 +58,11 @@ def _to_bool(raw: str) -> bool:
     raise ValueError(raw)
 
 
+def _path(env: Mapping[str, str], key: str) -> Path | None:
+    raw = env.get(key)
+    return Path(raw).resolve() if raw else None
+
+
 def _bool(env: Mapping[str, str], key: str, default: bool) -> bool:
     return _parse(env, key, default, _to_bool, "a boolean: use true or false")
 
@@ -109,6 +114,8 @@ class Settings:
     INFER_BACKEND_RETRIES             result-backend retries before failing      30
     INFER_DEDUPLICATE                 skip tasks whose SUCCESS is already stored  true
     INFER_FAULT_INJECTION             enable tasks.diag.crash (fault tests only) false
+    INFER_BROKER_TLS_CA               CA bundle for amqps:// (empty: system CAs)  (none)
+    INFER_BROKER_TLS_CERT / _KEY      client certificate and key for amqps://    (none)
     ================================  =========================================  ==============
     """
 
@@ -159,6 +166,9 @@ class Settings:
     backend_retries: int = 30
     deduplicate: bool = True
     fault_injection: bool = False
+    broker_tls_ca: Path | None = None
+    broker_tls_cert: Path | None = None
+    broker_tls_key: Path | None = None
 
     def __post_init__(self) -> None:
         if self.serializer not in SERIALIZERS:
@@ -182,6 +192,7 @@ class Settings:
                 f"INFER_QUEUE_TYPE={self.queue_type!r}: use quorum (delivery limit, replicated) "
                 "or classic (RabbitMQ < 3.10, no delivery limit)"
             )
+        self._check_tls()
         for name in self.preload:
             get_spec(name)  # UnknownModel names the valid choices
         for dtype in self.dtypes:
@@ -189,6 +200,46 @@ class Settings:
                 raise ConfigurationError(f"INFER_DTYPES has {dtype!r}: use fp32, fp16 and/or bf16")
         if self.weights_dir is None:
             object.__setattr__(self, "weights_dir", self.home / "weights")
+
+    def _check_tls(self) -> None:
+        for key, path in (
+            ("INFER_BROKER_TLS_CA", self.broker_tls_ca),
+            ("INFER_BROKER_TLS_CERT", self.broker_tls_cert),
+            ("INFER_BROKER_TLS_KEY", self.broker_tls_key),
+        ):
+            if path is not None and not path.is_file():
+                raise ConfigurationError(f"{key}={path}: no such file")
+        if (self.broker_tls_cert is None) != (self.broker_tls_key is None):
+            raise ConfigurationError(
+                "INFER_BROKER_TLS_CERT and INFER_BROKER_TLS_KEY go together: set both or neither"
+            )
+        tls_given = self.broker_tls_ca or self.broker_tls_cert
+        if tls_given and not (self.broker_url or "").startswith("amqps://"):
+            raise ConfigurationError(
+                "INFER_BROKER_TLS_* is set but CELERY_BROKER_URL is not amqps://: "
+                "use amqps://user:password@host:5671/vhost"
+            )
+        backend = self.result_backend or ""
+        if backend.startswith("rediss://") and "ssl_cert_reqs=" not in backend:
+            raise ConfigurationError(
+                "CELERY_RESULT_BACKEND uses rediss:// without ssl_cert_reqs: append "
+                "?ssl_cert_reqs=required&ssl_ca_certs=/path/to/ca.pem (Celery and the "
+                "worker registry both read TLS options from the URL)"
+            )
+
+    def broker_use_ssl(self) -> dict[str, Any] | None:
+        """py-amqp TLS options for an amqps:// broker (certificate verified), else None."""
+        if not (self.broker_url or "").startswith("amqps://"):
+            return None
+        import ssl
+
+        options: dict[str, Any] = {"cert_reqs": ssl.CERT_REQUIRED}
+        if self.broker_tls_ca is not None:
+            options["ca_certs"] = str(self.broker_tls_ca)
+        if self.broker_tls_cert is not None and self.broker_tls_key is not None:
+            options["certfile"] = str(self.broker_tls_cert)
+            options["keyfile"] = str(self.broker_tls_key)
+        return options
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -241,6 +292,9 @@ class Settings:
             backend_retries=_int(env, "INFER_BACKEND_RETRIES", cls.backend_retries, minimum=0),
             deduplicate=_bool(env, "INFER_DEDUPLICATE", cls.deduplicate),
             fault_injection=_bool(env, "INFER_FAULT_INJECTION", cls.fault_injection),
+            broker_tls_ca=_path(env, "INFER_BROKER_TLS_CA"),
+            broker_tls_cert=_path(env, "INFER_BROKER_TLS_CERT"),
+            broker_tls_key=_path(env, "INFER_BROKER_TLS_KEY"),
         )
 
     @property
@@ -297,6 +351,7 @@ class Settings:
             "result_backend": self.backend,
             "broker_transport_options": transport_options,
             "broker_connection_retry_on_startup": True,
+            "broker_use_ssl": self.broker_use_ssl() or False,
             "task_serializer": self.serializer,
             "result_serializer": self.serializer,
             "accept_content": list(SERIALIZERS),

@@ -84,3 +84,52 @@ def test_bad_settings_raise_configuration_error(env: dict[str, str], fragment: s
 def test_unknown_preload_model_names_the_choices() -> None:
     with pytest.raises(UnknownModel, match="cnn, mlp, transformer"):
         Settings.from_env({"INFER_PRELOAD": "mlp,resnet"})
+
+
+def test_broker_tls_options(tmp_path: Path) -> None:
+    import ssl
+
+    from tasks.app import InferenceApp
+
+    ca, cert, key = (tmp_path / n for n in ("ca.pem", "client.pem", "client.key"))
+    for f in (ca, cert, key):
+        f.write_text("-----BEGIN-----\n")
+    s = Settings.from_env(
+        {
+            "CELERY_BROKER_URL": "amqps://infer:pw@rabbit:5671/inference",
+            "INFER_BROKER_TLS_CA": str(ca),
+            "INFER_BROKER_TLS_CERT": str(cert),
+            "INFER_BROKER_TLS_KEY": str(key),
+        }
+    )
+    want = {
+        "cert_reqs": ssl.CERT_REQUIRED,
+        "ca_certs": str(ca),
+        "certfile": str(cert),
+        "keyfile": str(key),
+    }
+    assert s.celery_config()["broker_use_ssl"] == want
+    assert InferenceApp(s).connection_for_write().ssl == want  # built, never connected
+    plain = Settings.from_env({"CELERY_BROKER_URL": "amqp://h//"})
+    assert plain.celery_config()["broker_use_ssl"] is False
+
+
+@pytest.mark.parametrize(
+    ("env", "fragment"),
+    [
+        ({"CELERY_BROKER_URL": "amqp://h//", "INFER_BROKER_TLS_CA": "CA"}, "not amqps"),
+        ({"CELERY_BROKER_URL": "amqps://h//", "INFER_BROKER_TLS_CERT": "CERT"}, "go together"),
+        (
+            {"CELERY_BROKER_URL": "amqps://h//", "INFER_BROKER_TLS_CA": "/no/such.pem"},
+            "no such file",
+        ),
+        ({"CELERY_RESULT_BACKEND": "rediss://:pw@redis:6380/0"}, "ssl_cert_reqs"),
+    ],
+)
+def test_bad_tls_settings(tmp_path: Path, env: dict[str, str], fragment: str) -> None:
+    for key in ("INFER_BROKER_TLS_CA", "INFER_BROKER_TLS_CERT"):
+        if env.get(key) in ("CA", "CERT"):
+            (tmp_path / env[key]).write_text("x")
+            env = {**env, key: str(tmp_path / env[key])}
+    with pytest.raises(ConfigurationError, match=fragment):
+        Settings.from_env(env)
