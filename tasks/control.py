@@ -24,6 +24,7 @@ from models.errors import InferenceError
 from models.registry import get_spec
 from routing.registry import store_for
 from tasks.app import app
+from tasks.inference import check_dtype
 
 __all__ = ["capabilities", "load", "load_model", "unload", "unload_model"]
 
@@ -48,8 +49,8 @@ def _hand_to_child(state: Any, task: str, *args: Any) -> dict[str, Any]:
         return {"error": "this worker consumes no direct queue, so it cannot be told to load"}
     try:
         get_spec(args[0])
-        if len(args) > 1 and args[1] not in (None, "auto", "fp32", "fp16", "bf16"):
-            return {"error": f"dtype {args[1]!r}: use fp32, fp16, bf16 or auto"}
+        if len(args) > 1:
+            check_dtype(args[1])
     except InferenceError as e:
         return {"error": str(e)}
     result = app.send_task(task, args=(state.consumer.hostname, *args), queue=worker._own_queue)

@@ -17,6 +17,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
 
+import psutil
+
 from tasks.worker import worker_argv
 
 __all__ = ["WorkerProcess"]
@@ -111,6 +113,19 @@ class WorkerProcess:
 
     def log_tail(self, lines: int = 40) -> str:
         return "\n".join(self._lines()[-lines:])
+
+    def session_pids(self) -> list[int]:
+        """Every live process in this worker's session (the parent and its pool children)."""
+        pids: list[int] = []
+        if self.proc is None:
+            return pids
+        for proc in psutil.process_iter(["pid"]):
+            try:
+                if os.getsid(proc.pid) == self.proc.pid:
+                    pids.append(proc.pid)
+            except (ProcessLookupError, PermissionError):
+                continue
+        return pids
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None

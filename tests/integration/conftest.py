@@ -14,7 +14,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.parse import urlparse
 
-import psutil
 import pytest
 
 from routing.queues import direct_queue
@@ -59,17 +58,6 @@ def queue_depth(queue: str) -> int:
         return int(conn.default_channel.queue_declare(queue=queue, passive=True).message_count)
 
 
-def _session_pids(worker: WorkerProcess) -> list[int]:
-    pids = []
-    for proc in psutil.process_iter(["pid"]):
-        try:
-            if os.getsid(proc.pid) == worker.pid:
-                pids.append(proc.pid)
-        except (ProcessLookupError, PermissionError):
-            continue
-    return pids
-
-
 WorkerFactory = Callable[..., WorkerProcess]
 
 
@@ -88,7 +76,7 @@ def worker_factory(tmp_path: Path, weights_dir: Path) -> Iterator[WorkerFactory]
     yield start
     for w in started:
         w.stop()
-    leftovers = {w.name: _session_pids(w) for w in started if _session_pids(w)}
+    leftovers = {w.name: w.session_pids() for w in started if w.session_pids()}
     depths = {q: queue_depth(q) for q in queues}
     with app.connection_for_write() as conn:
         for q in queues:

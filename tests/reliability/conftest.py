@@ -160,17 +160,6 @@ def queue_depth(app: Any, queue: str) -> int:
             return 0
 
 
-def _session_pids(worker: WorkerProcess) -> list[int]:
-    pids = []
-    for proc in psutil.process_iter(["pid"]):
-        try:
-            if os.getsid(proc.pid) == worker.pid:
-                pids.append(proc.pid)
-        except (ProcessLookupError, PermissionError):
-            continue
-    return pids
-
-
 @dataclass
 class Fleet:
     """Workers of one scenario, consuming ``<class>`` and their own direct queues."""
@@ -231,7 +220,7 @@ def fleet(
     for f in fleets:
         for w in f.workers:
             w.stop()
-        strays = {w.name: _session_pids(w) for w in f.workers if _session_pids(w)}
+        strays = {w.name: w.session_pids() for w in f.workers if w.session_pids()}
         depths = {q: queue_depth(rapp, q) for q in f.queues}
         with rapp.connection_for_write() as conn:
             for q in f.queues:

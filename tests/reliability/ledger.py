@@ -89,6 +89,14 @@ class Ledger:
         raw = self._redis(lambda c: c.hgetall(self.key))
         return {k.decode(): int(v) for k, v in raw.items()}
 
+    def wait_started(self, task_id: str, timeout: float = 30.0) -> None:
+        """Block until ``task_id``'s body has started somewhere (the ledger counts it)."""
+        deadline = time.monotonic() + timeout
+        while self.executions().get(task_id, 0) < 1:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"task {task_id} never started")
+            time.sleep(0.05)
+
     def outcomes(self, ids: list[str] | None = None) -> dict[str, dict[str, Any]]:
         """Stored meta of each id that has one (SUCCESS or FAILURE)."""
         ids = self.ids if ids is None else ids

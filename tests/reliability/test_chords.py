@@ -75,10 +75,7 @@ def test_chord_survives_a_killed_header_worker(fleet: FleetFactory) -> None:
     body = f.app.signature("tasks.diag.count", queue=f.queue, headers=f.ledger.headers)
     joined = chord(header, app=f.app)(body)
     f.ledger.ids += [r.id for r in joined.parent.results] + [joined.id]
-    deadline = time.monotonic() + 30
-    while f.ledger.executions().get(held_id, 0) < 1:
-        assert time.monotonic() < deadline, "the held header task never started"
-        time.sleep(0.05)
+    f.ledger.wait_started(held_id)
     victim.kill()
     report = f.ledger.report(timeout=120)
     executions = f.ledger.executions()

@@ -17,13 +17,6 @@ from tests.reliability.ledger import sample
 pytestmark = [pytest.mark.reliability, pytest.mark.integration]
 
 
-def _wait_started(f: object, task_id: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while f.ledger.executions().get(task_id, 0) < 1:  # type: ignore[attr-defined]
-        assert time.monotonic() < deadline, f"task {task_id} never started"
-        time.sleep(0.05)
-
-
 def test_kill_one_of_two_workers(fleet: FleetFactory, scale: Scale) -> None:
     """Scenario 2: kill -9 one of 2 workers mid-run; its work finishes on the other."""
     f = fleet(2)
@@ -35,7 +28,7 @@ def test_kill_one_of_two_workers(fleet: FleetFactory, scale: Scale) -> None:
         f.ledger.send("tasks.diag.sleep", (0.01,), queue=f.queue)
     held = f.ledger.send("tasks.diag.sleep", (3.0,), queue=victim.own_queue)
     assert held is not None
-    _wait_started(f, held)  # the victim is running it now
+    f.ledger.wait_started(held)  # the victim is running it now
     victim.kill()
     report = f.ledger.report(timeout=120 + n * 0.05)
     executions = f.ledger.executions()
