@@ -2,7 +2,9 @@
 
 Configuration is lazy: the environment is read the first time the app's
 configuration is needed (``add_defaults`` with a callable), not at import, and
-nothing connects to a broker until a task is sent or a worker starts.
+nothing connects to a broker until a task is sent or a worker starts.  With
+``INFER_SIGNING_DIR`` set, that first read also switches on message signing
+(:mod:`tasks.signing`; task and control messages are signed, results are not).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Any
 from celery import Celery
 from celery.signals import before_task_publish
 
+from tasks.codec import display
 from tasks.settings import Settings
 
 __all__ = ["SENT_AT_HEADER", "InferenceApp", "app"]
@@ -38,6 +41,7 @@ class InferenceApp(Celery):
             self.backend_cls = settings.backend
         self._infer_settings = settings
         self.add_defaults(self._config)
+        self.on_after_configure.connect(self._enable_signing, weak=False)
 
     def _config(self) -> dict[str, Any]:
         config = self.infer_settings.celery_config()
@@ -45,7 +49,19 @@ class InferenceApp(Celery):
             from tasks.routes import AppRoute  # tasks.routes imports this module
 
             config["task_routes"] = [AppRoute(self)]  # its own router, from its own settings
+        if self.infer_settings.signing_dir is not None:
+            from tasks import signing  # loads the key and certificates: a bad file stops us here
+
+            config.update(signing.celery_config(self.infer_settings))
         return config
+
+    def _enable_signing(self, **_: Any) -> None:
+        # setup_security needs the configuration read (it checks task_serializer
+        # is auth), so it runs once that is done, never at import.
+        if self.infer_settings.signing_dir is not None:
+            from tasks import signing
+
+            signing.enable(self)
 
     @property
     def infer_settings(self) -> Settings:
@@ -67,8 +83,17 @@ app.conf.include = [
 
 @before_task_publish.connect
 def _stamp_sent_at(
-    sender: str | None = None, headers: dict[str, Any] | None = None, **_: Any
+    sender: str | None = None,
+    headers: dict[str, Any] | None = None,
+    body: Any = None,
+    **_: Any,
 ) -> None:
     # The signal fires for every Celery app in the process: stamp only our tasks.
     if headers is not None and sender in app.tasks:
         headers.setdefault(SENT_AT_HEADER, time.time())
+        args, kwargs = (body or ((), {}))[:2] if isinstance(body, tuple | list) else ((), {})
+        # What Flower, events and logs show: shapes and sizes, never tensor bytes.
+        headers["argsrepr"] = "(" + ", ".join(display(a) for a in args or ()) + ")"
+        headers["kwargsrepr"] = (
+            "{" + ", ".join(f"{k!r}: {display(v)}" for k, v in (kwargs or {}).items()) + "}"
+        )

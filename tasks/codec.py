@@ -11,18 +11,29 @@ from __future__ import annotations
 import base64
 import binascii
 import math
+import re
 from typing import Any
 
 import numpy as np
 
 from models.errors import MalformedPayload, NonNumericInput, PayloadTooLarge
 
-__all__ = ["WIRE_DTYPES", "decode", "encode", "to_array"]
+__all__ = [
+    "WIRE_DTYPES",
+    "decode",
+    "display",
+    "encode",
+    "redact_bytes",
+    "refuse_text_content",
+    "to_array",
+]
 
 WIRE_DTYPES = frozenset(
     {"float16", "float32", "float64", "int8", "int16", "int32", "int64", "uint8"}
 )
 _KEYS = {"dtype", "shape", "data"}
+# A bytes literal in a repr, possibly cut short by a length limit.
+_BYTES_REPR = re.compile(r"""(?<![\w'"])(?:b'(?:[^'\\]|\\.)*(?:'|$)|b"(?:[^"\\]|\\.)*(?:"|$))""")
 
 
 def to_array(value: Any) -> np.ndarray | None:
@@ -116,3 +127,61 @@ def _decode_envelope(payload: dict[str, Any], max_bytes: int) -> np.ndarray:
             f"envelope data has {len(data)} bytes but shape {list(shape)} of {dtype_name} needs {expected}"
         )
     return np.frombuffer(bytes(data), dtype=dtype).reshape(shape).astype(dtype_name, copy=False)
+
+
+def display(value: Any, depth: int = 0) -> str:
+    """A short, safe text for ``value`` where Flower, events and logs show task arguments.
+
+    An envelope becomes ``<tensor float32[4, 3, 32, 32] 48.0 KiB>`` instead of
+    a dump of its bytes, long lists become their length, bytes and long
+    strings are cut; lists and dicts are shown two levels deep.
+    """
+    if isinstance(value, dict) and set(value) == _KEYS:
+        shape = value.get("shape")
+        dims = ", ".join(str(d) for d in shape) if isinstance(shape, list | tuple) else "?"
+        data = value.get("data")
+        size = len(data) if isinstance(data, bytes | bytearray | str) else 0
+        amount = f"{size} B" if size < 1024 else f"{size / 1024:.1f} KiB"
+        return f"<tensor {value.get('dtype')}[{dims}] {amount}>"
+    if isinstance(value, bytes | bytearray | memoryview):
+        return f"<{len(value)} bytes>"
+    if isinstance(value, str):
+        return repr(value if len(value) <= 64 else value[:64] + "...")
+    if isinstance(value, list | tuple):
+        if len(value) > 8 or depth >= 2:
+            return f"<list of {len(value)}>"
+        return "[" + ", ".join(display(v, depth + 1) for v in value) + "]"
+    if isinstance(value, dict):
+        if len(value) > 16 or depth >= 2:
+            return f"<dict of {len(value)}>"
+        return "{" + ", ".join(f"{k!r}: {display(v, depth + 1)}" for k, v in value.items()) + "}"
+    return repr(value)[:64]
+
+
+def redact_bytes(text: str) -> str:
+    """``text`` (a repr) with every bytes literal replaced by ``<bytes>``: no tensor dumps."""
+    return _BYTES_REPR.sub("<bytes>", text)
+
+
+TEXT_CONTENT = "application/text"
+
+
+def refuse_text_content() -> None:
+    """Make kombu refuse ``application/text`` message bodies in this process.
+
+    kombu accepts that content type whatever ``accept_content`` says and hands
+    the body on as a plain string; a task message sent that way stops a Celery
+    worker (``ValueError`` unpacking the body, an unrecoverable error).  Celery
+    itself never sends it.  Refused, it becomes a decode error, which the
+    worker's consumer dead-letters.
+    """
+    from kombu.serialization import registry
+
+    registry.register("refused-text", None, _refuse_text, content_type=TEXT_CONTENT)
+
+
+def _refuse_text(body: Any) -> Any:
+    raise MalformedPayload(
+        f"{TEXT_CONTENT} messages are refused: publish tasks as msgpack or json "
+        "with Celery's message protocol"
+    )

@@ -9,9 +9,12 @@ forward pass on the same weights.  Exits non-zero on any mismatch.
 
 from __future__ import annotations
 
+import os
+import socket
 import sys
 import tempfile
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
@@ -52,6 +55,29 @@ def _reference(spec: ModelSpec, batch: np.ndarray, weights: Path) -> np.ndarray:
     return forward(model, batch, torch.device("cpu"), "fp32")[0]
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _show_metrics(console: Console, workers: list[WorkerProcess], ports: list[int]) -> None:
+    """Scrape each worker's /metrics, as Prometheus would, and print the request counters."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for w, port in zip(workers, ports, strict=True):
+        url = f"http://127.0.0.1:{port}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            text = response.read().decode()
+        served = [
+            f"{s.labels['model']}={s.value:.0f}"
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+            if s.name == "infer_requests_total" and s.labels.get("outcome") == "success"
+        ]
+        console.print(f"{url} ({w.name}): infer_requests_total {' '.join(sorted(served))}")
+
+
 def main() -> int:
     console = Console(width=None if sys.stdout.isatty() else 110)
     settings = app.infer_settings
@@ -66,11 +92,19 @@ def main() -> int:
     shared = f"demo-{run}"
     logdir = Path(tempfile.mkdtemp(prefix="infer-demo-"))
     names = [f"cpu0-{run}", f"cpu1-{run}"]
+    ports = [_free_port(), _free_port()]  # each worker's Prometheus /metrics
     workers = [
         WorkerProcess(
-            name, "cpu", logdir=logdir, queues=[direct_queue(shared, name), shared], preload=preload
+            name,
+            "cpu",
+            logdir=logdir,
+            queues=[direct_queue(shared, name), shared],
+            preload=preload,
+            env={**os.environ, "INFER_METRICS_PORT": str(port), "INFER_METRICS_ADDR": "127.0.0.1"},
         )
-        for name, preload in ((names[0], ("mlp", "cnn")), (names[1], ("transformer",)))
+        for name, preload, port in zip(
+            names, (("mlp", "cnn"), ("transformer",)), ports, strict=True
+        )
     ]
     failures = 0
     try:
@@ -137,6 +171,7 @@ def main() -> int:
         console.print(
             "rtt: all requests in flight at once, so it includes waiting behind the others"
         )
+        _show_metrics(console, workers, ports)
         try:
             infer.apply_async(("resnet9000", [0.0]), queue=shared)
         except InferenceError as e:

@@ -96,6 +96,7 @@ def prepare_request(
 def infer(self: InferenceTask, model: str, inputs: Any, dtype: str | None = None) -> dict[str, Any]:
     """Run ``model`` on ``inputs`` (one sample or a batch) on this worker's device."""
     from models.runner import forward, resolve_dtype
+    from tasks import metrics
     from tasks.worker import get_runtime
 
     started = time.time()
@@ -120,6 +121,7 @@ def infer(self: InferenceTask, model: str, inputs: Any, dtype: str | None = None
         outputs, compute_ms = forward(
             runtime.model(spec, precision), batch, runtime.device, precision
         )
+        metrics.observe_forward(spec.name, precision, batch_size, compute_ms)
     check_size(outputs.nbytes, settings.max_payload_bytes)
     finished = time.time()
     sent_at = getattr(self.request, SENT_AT_HEADER, None)

@@ -18,6 +18,7 @@ from celery.worker.request import Request
 
 from models.errors import TaskCrashed
 from routing.queues import dead_letter_queue
+from tasks.codec import redact_bytes
 
 __all__ = ["PoisonAwareRequest", "deliveries"]
 
@@ -31,6 +32,12 @@ def deliveries(headers: dict[str, Any] | None) -> int:
 
 
 class PoisonAwareRequest(Request):
+    def send_event(self, type: str, **fields: Any) -> None:
+        # Flower shows the result text of task-succeeded: bytes (tensor data) as their size only.
+        if type == "task-succeeded" and isinstance(fields.get("result"), str):
+            fields["result"] = redact_bytes(fields["result"])
+        super().send_event(type, **fields)
+
     def on_failure(
         self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False
     ) -> Any:

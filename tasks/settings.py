@@ -104,6 +104,8 @@ class Settings:
     INFER_MEMORY_MB                   advertised device memory (0: measure)      0
     INFER_DTYPES                      advertised precisions (empty: device's)    (device)
     INFER_REGISTRY_NAMESPACE          workers and clients that see each other    default
+    INFER_METRICS_PORT                worker's Prometheus /metrics port (0: off) 9808
+    INFER_METRICS_ADDR                address the metrics server listens on      127.0.0.1
     INFER_BATCHING                    dynamic batching in this worker            false
     INFER_MAX_BATCH_SIZE              default largest dynamic batch              32
     INFER_MAX_WAIT_MS                 default longest wait for a batch to fill   5.0
@@ -116,6 +118,7 @@ class Settings:
     INFER_FAULT_INJECTION             enable tasks.diag.crash (fault tests only) false
     INFER_BROKER_TLS_CA               CA bundle for amqps:// (empty: system CAs)  (none)
     INFER_BROKER_TLS_CERT / _KEY      client certificate and key for amqps://    (none)
+    INFER_SIGNING_DIR                 sign messages: key, cert, trusted/ folder  (off)
     ================================  =========================================  ==============
     """
 
@@ -156,6 +159,8 @@ class Settings:
     memory_mb: int = 0
     dtypes: tuple[str, ...] = ()
     registry_namespace: str = "default"
+    metrics_port: int = 9808
+    metrics_addr: str = "127.0.0.1"
     batching: bool = False
     max_batch_size: int = 32
     max_wait_ms: float = 5.0
@@ -169,6 +174,7 @@ class Settings:
     broker_tls_ca: Path | None = None
     broker_tls_cert: Path | None = None
     broker_tls_key: Path | None = None
+    signing_dir: Path | None = None
 
     def __post_init__(self) -> None:
         if self.serializer not in SERIALIZERS:
@@ -193,6 +199,7 @@ class Settings:
                 "or classic (RabbitMQ < 3.10, no delivery limit)"
             )
         self._check_tls()
+        self._check_signing()
         for name in self.preload:
             get_spec(name)  # UnknownModel names the valid choices
         for dtype in self.dtypes:
@@ -225,6 +232,19 @@ class Settings:
                 "CELERY_RESULT_BACKEND uses rediss:// without ssl_cert_reqs: append "
                 "?ssl_cert_reqs=required&ssl_ca_certs=/path/to/ca.pem (Celery and the "
                 "worker registry both read TLS options from the URL)"
+            )
+
+    def _check_signing(self) -> None:
+        if self.signing_dir is None:
+            return
+        from tasks.signing import missing_files  # no crypto import: file checks only
+
+        missing = missing_files(self.signing_dir)
+        if missing:
+            raise ConfigurationError(
+                f"INFER_SIGNING_DIR={self.signing_dir} lacks {', '.join(missing)}: create a key, "
+                f"certificate and trusted/ store with `python -m tasks.signing init "
+                f"{self.signing_dir}`, then copy every other host's signer.pem into trusted/"
             )
 
     def broker_use_ssl(self) -> dict[str, Any] | None:
@@ -282,6 +302,8 @@ class Settings:
             memory_mb=_int(env, "INFER_MEMORY_MB", cls.memory_mb, minimum=0),
             dtypes=tuple(d.strip() for d in env.get("INFER_DTYPES", "").split(",") if d.strip()),
             registry_namespace=env.get("INFER_REGISTRY_NAMESPACE") or cls.registry_namespace,
+            metrics_port=_int(env, "INFER_METRICS_PORT", cls.metrics_port, minimum=0),
+            metrics_addr=env.get("INFER_METRICS_ADDR") or cls.metrics_addr,
             batching=_bool(env, "INFER_BATCHING", cls.batching),
             max_batch_size=_int(env, "INFER_MAX_BATCH_SIZE", cls.max_batch_size),
             max_wait_ms=_float(env, "INFER_MAX_WAIT_MS", cls.max_wait_ms),
@@ -295,6 +317,7 @@ class Settings:
             broker_tls_ca=_path(env, "INFER_BROKER_TLS_CA"),
             broker_tls_cert=_path(env, "INFER_BROKER_TLS_CERT"),
             broker_tls_key=_path(env, "INFER_BROKER_TLS_KEY"),
+            signing_dir=_path(env, "INFER_SIGNING_DIR"),
         )
 
     @property

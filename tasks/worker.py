@@ -22,6 +22,7 @@ import logging
 import os
 import sys
 import threading
+import time
 from collections.abc import Hashable
 from typing import TYPE_CHECKING, Any
 
@@ -38,8 +39,10 @@ from celery.worker.consumer import Consumer
 from models.registry import ModelSpec, get_spec
 from routing.queues import direct_queue, fallback_of
 from routing.registry import store_for
+from tasks import metrics
 from tasks.app import app
 from tasks.batcher import BatchPolicy, DynamicBatcher
+from tasks.codec import refuse_text_content
 from tasks.settings import Settings
 
 if TYPE_CHECKING:
@@ -67,7 +70,10 @@ class WorkerRuntime:
         self.settings = settings
         self.device: torch.device = resolve_device(settings.device)
         self.cache: ModelCache[tuple[str, str], nn.Module] = ModelCache(
-            settings.cache_budget_mb * 1024 * 1024, load=self._load, size_of=size_of
+            settings.cache_budget_mb * 1024 * 1024,
+            load=self._load,
+            size_of=size_of,
+            on_evict=lambda key: metrics.observe_eviction(*key),
         )
         self.batcher: DynamicBatcher | None = None
         if settings.batching:
@@ -96,12 +102,14 @@ class WorkerRuntime:
         name, precision = key[0], key[1]  # type: ignore[index]
         model = self.model(get_spec(name), precision)
         if self.device.type != "cuda":
-            return forward(model, stacked, self.device, precision)
-        torch.cuda.reset_peak_memory_stats(self.device)
-        before = torch.cuda.memory_allocated(self.device)
-        result = forward(model, stacked, self.device, precision)
-        peak = torch.cuda.max_memory_allocated(self.device) - before
-        self._sample_bytes[key] = max(self._sample_bytes.get(key, 0), peak // len(stacked))
+            result = forward(model, stacked, self.device, precision)
+        else:
+            torch.cuda.reset_peak_memory_stats(self.device)
+            before = torch.cuda.memory_allocated(self.device)
+            result = forward(model, stacked, self.device, precision)
+            peak = torch.cuda.max_memory_allocated(self.device) - before
+            self._sample_bytes[key] = max(self._sample_bytes.get(key, 0), peak // len(stacked))
+        metrics.observe_forward(name, precision, len(stacked), result[1])
         return result
 
     def _memory_cap(self, key: Hashable, sample: np.ndarray) -> int | None:
@@ -120,7 +128,10 @@ class WorkerRuntime:
 
         name, dtype = key
         assert self.settings.weights_dir is not None
-        return load_model(get_spec(name), self.settings.weights_dir, self.device, DTYPES[dtype])
+        started = time.perf_counter()
+        module = load_model(get_spec(name), self.settings.weights_dir, self.device, DTYPES[dtype])
+        metrics.observe_load(name, dtype, time.perf_counter() - started)
+        return module
 
     def model(self, spec: ModelSpec, dtype: str) -> nn.Module:
         """The cached module for ``spec`` in precision ``dtype`` (loaded on a miss)."""
@@ -169,6 +180,10 @@ class TelemetryConsumer(Consumer):
             message.content_type,
             message.headers,
         )
+        if message.delivery_info.get("consumer_tag") in (message.channel.no_ack_consumers or ()):
+            # A remote-control broadcast (no-ack pidbox queue): there is nothing to reject,
+            # and a reject of an unacked-less tag makes the broker close the channel.
+            return
         message.reject_log_error(log, self.connection_errors, requeue=False)
 
     def connection_for_write(self, url: str | None = None, heartbeat: float | None = None) -> Any:
@@ -221,6 +236,7 @@ def _preload() -> None:
         _heartbeat = Heartbeat(
             _node, _own_queue, fallback, settings, runtime, store, _queue_depth(_own_queue)
         ).start()
+    metrics.serve(settings.metrics_port, settings.metrics_addr, runtime)
 
 
 @worker_process_shutdown.connect
@@ -252,6 +268,7 @@ def _preload_in_main(sender: Any = None, **_: Any) -> None:
         )
     if sender is not None:
         _declare(list(consumed))
+    refuse_text_content()  # kombu would hand such a body on undecoded and stop the worker
     # prefork children preload in worker_process_init; every other pool runs
     # tasks in this very process, which never forks, so load here.
     pool = getattr(sender, "pool_cls", None)
@@ -322,10 +339,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", default="cpu0", help="node name and own queue, e.g. gpu0 or cpu1")
     parser.add_argument("--device", default="cpu", help="cpu, cuda:N or auto")
     parser.add_argument(
+        "--batching", action="store_true", help="dynamic batching (threads pool, many in flight)"
+    )
+    parser.add_argument(
         "--print", action="store_true", help="print the command instead of running it"
     )
     args = parser.parse_args(argv)
-    cmd = worker_argv(args.name, args.device)
+    cmd = worker_argv(args.name, args.device, batching=args.batching)
     print(" ".join(cmd), flush=True)
     if args.print:
         return 0

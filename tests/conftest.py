@@ -25,6 +25,8 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ.setdefault("INFER_HOME", str(ROOT / "var" / "test-home"))
     # Small enough that the oversized-payload cases stay cheap on a real broker.
     os.environ.setdefault("INFER_MAX_PAYLOAD_BYTES", str(1024 * 1024))
+    # Many workers per host here: metrics only where a test gives a worker its own port.
+    os.environ.setdefault("INFER_METRICS_PORT", "0")
 
 
 @pytest.fixture(scope="session")

@@ -84,6 +84,12 @@ def test_malformed_messages(fleet: FleetFactory, tmp_path: Path) -> None:
             "application/x-python-serialize",
             {**task_headers, "id": "bad-4"},
         ),
+        # kombu passes application/text on undecoded whatever accept_content says.
+        "text": (
+            json.dumps([[], {}, {}]).encode(),
+            "application/text",
+            {**task_headers, "id": "bad-5"},
+        ),
     }
     for body, content_type, headers in cases.values():
         _publish_raw(f.queue, body, content_type, headers)
@@ -97,6 +103,7 @@ def test_malformed_messages(fleet: FleetFactory, tmp_path: Path) -> None:
     log = worker.logfile.read_text()
     assert "refused a message that cannot be decoded (DecodeError" in log  # not json
     assert "Refusing to deserialize untrusted content of type pickle" in log
+    assert "application/text messages are refused" in log
     assert "Received unregistered task of type 'tasks.no_such_task'" in log
     assert "Received and deleted unknown message" in log
     for i in range(500):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from models.errors import MalformedPayload, NonNumericInput, PayloadTooLarge
-from tasks.codec import decode, encode, to_array
+from tasks.codec import decode, display, encode, redact_bytes, to_array
 
 LIMIT = 1 << 20
 
@@ -65,3 +65,22 @@ def test_declared_size_checked_before_decoding() -> None:
     env = {"dtype": "float32", "shape": [10**6, 10**6], "data": base64.b64encode(b"x").decode()}
     with pytest.raises(PayloadTooLarge, match="INFER_MAX_PAYLOAD_BYTES"):
         decode(env, LIMIT)
+
+
+def test_display_summarises_tensors_and_never_dumps_bytes() -> None:
+    envelope = encode(np.zeros((4, 3, 32, 32), np.float32), binary=True)
+    assert display(envelope) == "<tensor float32[4, 3, 32, 32] 48.0 KiB>"
+    assert display(encode(np.zeros((2, 3), np.float32), binary=False)) == (
+        "<tensor float32[2, 3] 32 B>"  # base64 text of 24 bytes
+    )
+    assert display(b"\x00" * 10) == "<10 bytes>"
+    assert display(list(range(100))) == "<list of 100>"
+    assert display("x" * 100).endswith("...'") and len(display("x" * 100)) < 80
+    nested = display([{"model": "cnn", "outputs": envelope}])
+    assert nested == "[{'model': 'cnn', 'outputs': <tensor float32[4, 3, 32, 32] 48.0 KiB>}]"
+
+
+def test_redact_bytes_replaces_bytes_literals_only() -> None:
+    text = repr({"data": b"\x00\x01'q", "name": "b", "tab": "ab'c"})
+    assert redact_bytes(text) == "{'data': <bytes>, 'name': 'b', 'tab': \"ab'c\"}"
+    assert redact_bytes("{'data': b'\\x00\\x01 cut short") == "{'data': <bytes>"

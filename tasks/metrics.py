@@ -1,0 +1,276 @@
+"""Prometheus metrics of a worker (and of any process that routes), with prometheus-client.
+
+Served over HTTP by the process that owns the device runtime (the prefork
+child, or the main process of a ``threads``/``solo`` worker) on
+``INFER_METRICS_ADDR:INFER_METRICS_PORT`` (default ``127.0.0.1:9808``; ``0``
+switches it off).  One port per worker: give each worker on a host its own.
+A replaced pool child starts its counters from zero, which Prometheus'
+``rate()`` and ``increase()`` treat as a counter reset.
+
+Per request (``task_success``/``task_failure`` of ``tasks.infer``):
+
+- ``infer_requests_total{model,outcome}``: ``success`` or the error's class name
+- ``infer_queue_wait_seconds{model}``: publish to start, from the message's send stamp
+- ``infer_batch_wait_seconds{model}``: wait for a dynamic batch to fill
+- ``infer_service_seconds{model}``: start to finish on the worker
+
+Per forward pass: ``infer_compute_seconds{model,dtype}`` and
+``infer_batch_size{model}`` (samples in the pass).  Per model load and evict:
+``infer_model_loads_total{model,dtype}``, ``infer_model_load_seconds{model}``
+and ``infer_model_evictions_total{model,dtype}``.  Read at scrape time:
+``infer_models_loaded``, ``infer_model_loaded{model,dtype}``,
+``infer_model_cache_bytes{kind=used|budget}``,
+``infer_device_memory_bytes{device,kind=used|free|total}`` and
+``infer_tasks_running``.  Router (any process that has routed a request):
+``infer_router_decisions_total{outcome}``, ``infer_router_sticky_hit_ratio``
+and ``infer_router_decision_seconds{quantile}``.
+
+Nothing happens at import but defining the metric objects; the HTTP server
+starts only in :func:`serve`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from celery.signals import task_failure, task_success
+from prometheus_client import REGISTRY, Counter, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from models.registry import SPECS
+
+if TYPE_CHECKING:
+    from tasks.worker import WorkerRuntime
+
+__all__ = ["observe_eviction", "observe_forward", "observe_load", "serve"]
+
+log = logging.getLogger(__name__)
+
+INFER_TASK = "tasks.infer"
+LATENCY_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+)  # fmt: skip
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+REQUESTS = Counter(
+    "infer_requests", "Inference requests finished, by model and outcome", ["model", "outcome"]
+)
+QUEUE_WAIT = Histogram(
+    "infer_queue_wait_seconds",
+    "Time from publish to task start",
+    ["model"],
+    buckets=LATENCY_BUCKETS,
+)
+BATCH_WAIT = Histogram(
+    "infer_batch_wait_seconds",
+    "Time a request waited for its dynamic batch to fill",
+    ["model"],
+    buckets=LATENCY_BUCKETS,
+)
+SERVICE = Histogram(
+    "infer_service_seconds",
+    "Task start to finish on the worker",
+    ["model"],
+    buckets=LATENCY_BUCKETS,
+)
+COMPUTE = Histogram(
+    "infer_compute_seconds",
+    "One forward pass, host-to-device copy and back included",
+    ["model", "dtype"],
+    buckets=LATENCY_BUCKETS,
+)
+BATCH_SIZE = Histogram(
+    "infer_batch_size", "Samples in one forward pass", ["model"], buckets=BATCH_BUCKETS
+)
+LOADS = Counter("infer_model_loads", "Models loaded into the cache", ["model", "dtype"])
+LOAD_TIME = Histogram(
+    "infer_model_load_seconds",
+    "Time to load a model's safetensors weights onto the device",
+    ["model"],
+    buckets=LATENCY_BUCKETS,
+)
+EVICTIONS = Counter("infer_model_evictions", "Models evicted from the cache", ["model", "dtype"])
+
+
+def _model_label(model: object) -> str:
+    """The model name if it is a known model, else ``unknown`` (bounded label values)."""
+    return model if isinstance(model, str) and model in SPECS else "unknown"
+
+
+def observe_forward(model: str, dtype: str, batch_size: int, compute_ms: float) -> None:
+    """Record one forward pass."""
+    COMPUTE.labels(model, dtype).observe(compute_ms / 1000.0)
+    BATCH_SIZE.labels(model).observe(batch_size)
+
+
+def observe_load(model: str, dtype: str, seconds: float) -> None:
+    LOADS.labels(model, dtype).inc()
+    LOAD_TIME.labels(model).observe(seconds)
+
+
+def observe_eviction(model: str, dtype: str) -> None:
+    EVICTIONS.labels(model, dtype).inc()
+
+
+@task_success.connect
+def _on_success(sender: Any = None, result: Any = None, **_: Any) -> None:
+    if getattr(sender, "name", None) != INFER_TASK or not isinstance(result, dict):
+        return
+    model = _model_label(result.get("model"))
+    REQUESTS.labels(model, "success").inc()
+    timing = result.get("timing") or {}
+    for histogram, key in (
+        (QUEUE_WAIT, "queue_wait_ms"),
+        (BATCH_WAIT, "batch_wait_ms"),
+        (SERVICE, "service_ms"),
+    ):
+        value = timing.get(key)
+        if isinstance(value, int | float):
+            histogram.labels(model).observe(value / 1000.0)
+
+
+@task_failure.connect
+def _on_failure(
+    sender: Any = None,
+    exception: BaseException | None = None,
+    args: Any = None,
+    kwargs: Any = None,
+    **_: Any,
+) -> None:
+    if getattr(sender, "name", None) != INFER_TASK:
+        return
+    model = (args or [None])[0] if args else (kwargs or {}).get("model")
+    REQUESTS.labels(_model_label(model), type(exception).__name__).inc()
+
+
+class RuntimeCollector(Collector):
+    """Gauges read from the worker's runtime at scrape time."""
+
+    def __init__(self, runtime: WorkerRuntime) -> None:
+        self.runtime = runtime
+
+    def collect(self) -> Iterator[Any]:
+        from tasks.heartbeat import running_tasks
+
+        cache = self.runtime.cache
+        keys = cache.keys()
+        yield GaugeMetricFamily("infer_models_loaded", "Models in this worker's cache", len(keys))
+        loaded = GaugeMetricFamily(
+            "infer_model_loaded", "1 for each model and precision held", labels=["model", "dtype"]
+        )
+        for model, dtype in keys:
+            loaded.add_metric([model, dtype], 1)
+        yield loaded
+        cache_bytes = GaugeMetricFamily(
+            "infer_model_cache_bytes", "Model cache size and budget", labels=["kind"]
+        )
+        cache_bytes.add_metric(["used"], cache.used_bytes)
+        cache_bytes.add_metric(["budget"], cache.budget_bytes)
+        yield cache_bytes
+        memory = GaugeMetricFamily(
+            "infer_device_memory_bytes",
+            "Device memory: CUDA for a GPU worker, host RAM for a CPU worker",
+            labels=["device", "kind"],
+        )
+        for kind, value in self._memory().items():
+            memory.add_metric([str(self.runtime.device), kind], value)
+        yield memory
+        yield GaugeMetricFamily("infer_tasks_running", "Tasks running now", running_tasks())
+
+    def _memory(self) -> dict[str, int]:
+        device = self.runtime.device
+        if device.type == "cuda":
+            import torch
+
+            free, total = torch.cuda.mem_get_info(device)
+            return {"used": total - free, "free": free, "total": total}
+        import psutil
+
+        host = psutil.virtual_memory()
+        return {
+            "used": psutil.Process().memory_info().rss,  # this worker process
+            "free": host.available,
+            "total": host.total,
+        }
+
+
+class RouterCollector(Collector):
+    """The capability router's counters, if this process has routed anything."""
+
+    OUTCOMES = (
+        ("sticky_hit", "sticky_hits"),
+        ("spill", "spills"),
+        ("fallback", "fallbacks"),
+        ("miss", "misses"),
+        ("no_capable_worker", "errors"),
+    )
+
+    def collect(self) -> Iterator[Any]:
+        from tasks import routes
+
+        router = routes._router  # never build one just to report on it
+        if router is None:
+            return
+        stats = router.stats
+        decisions = CounterMetricFamily(
+            "infer_router_decisions", "Routing decisions by outcome", labels=["outcome"]
+        )
+        for label, attr in self.OUTCOMES:
+            decisions.add_metric([label], getattr(stats, attr))
+        yield decisions
+        yield GaugeMetricFamily(
+            "infer_router_sticky_hit_ratio",
+            "Share of decisions that went to the model's sticky worker",
+            stats.sticky_hit_rate,
+        )
+        times = sorted(stats.decision_us)
+        quantiles = GaugeMetricFamily(
+            "infer_router_decision_seconds",
+            "Decision time over the last 10,000 decisions",
+            labels=["quantile"],
+        )
+        for q in (0.5, 0.99):
+            if times:
+                quantiles.add_metric(
+                    [str(q)], times[min(len(times) - 1, int(len(times) * q))] / 1e6
+                )
+        yield quantiles
+
+
+_served: tuple[str, int] | None = None
+_lock = threading.Lock()
+
+
+def serve(port: int, addr: str = "127.0.0.1", runtime: WorkerRuntime | None = None) -> bool:
+    """Start the ``/metrics`` HTTP server in this process; False if off or the port is taken.
+
+    Workers call it once the runtime exists.  A client application can call
+    ``tasks.metrics.serve(9809)`` to export its router's decisions too.
+    """
+    global _served
+    if port == 0:
+        return False
+    with _lock:
+        if _served is not None:
+            return True
+        try:
+            start_http_server(port, addr)
+        except OSError as e:
+            log.error(
+                "metrics not served: cannot listen on %s:%d (%s); give each worker on this host "
+                "its own INFER_METRICS_PORT, or 0 to switch metrics off",
+                addr,
+                port,
+                e,
+            )
+            return False
+        REGISTRY.register(RouterCollector())
+        if runtime is not None:
+            REGISTRY.register(RuntimeCollector(runtime))
+        _served = (addr, port)
+    log.info("Prometheus metrics on http://%s:%d/metrics", addr, port)
+    return True
