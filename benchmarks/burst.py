@@ -26,9 +26,10 @@ from rich.progress import Progress
 
 from benchmarks.machine import machine_info
 from benchmarks.stats import percentiles
-from routing.queues import dead_letter_queue, direct_queue
+from routing.queues import direct_queue
 from tasks import app, infer
 from tasks.launcher import WorkerProcess
+from tasks.queues import remove_topology
 
 __all__ = ["main", "run_burst"]
 
@@ -90,10 +91,7 @@ def run_burst(tasks: int, timeout: float = 600.0) -> dict[str, Any]:
     finally:
         for w in workers:
             w.stop()
-        with app.connection_for_write() as conn:
-            for q in [queue, dead_letter_queue(queue), *(w.own_queue for w in workers)]:
-                if q:
-                    conn.default_channel.queue_delete(q)
+        remove_topology(app, [queue, *(w.own_queue for w in workers)])
     last = max(done.values(), default=published)
     latencies = [(done[i] - sent[i]) * 1000.0 for i in done]
     return {

@@ -120,10 +120,9 @@ def _collect_timing(out: RoundResult, value: Any) -> None:
 def _delete_queues(names: list[str]) -> None:
     """Leave no benchmark queue behind on the broker."""
     from tasks import app
+    from tasks.queues import remove_topology
 
-    with app.connection_for_write() as conn:
-        for name in names:
-            conn.default_channel.queue_delete(name)
+    remove_topology(app, names)
 
 
 def _stop_session(proc: subprocess.Popen[bytes] | None) -> None:

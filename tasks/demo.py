@@ -31,6 +31,7 @@ from tasks.client import outputs
 from tasks.diagnostics import noop
 from tasks.inference import infer
 from tasks.launcher import WorkerProcess
+from tasks.queues import remove_topology
 from tasks.routes import wait_for_workers
 
 __all__ = ["main", "sample_inputs"]
@@ -179,9 +180,7 @@ def main() -> int:
     finally:
         for w in workers:
             w.stop()
-        with app.connection_for_write() as conn:  # leave no queues behind on the broker
-            for queue in (*(w.own_queue for w in workers), shared):
-                conn.default_channel.queue_delete(queue)
+        remove_topology(app, [*(w.own_queue for w in workers), shared])  # leave none behind
     stray = [w.name for w in workers if w.alive()]
     console.print(f"workers stopped; stray processes: {stray or 'none'}")
     if failures or stray:

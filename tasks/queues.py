@@ -17,7 +17,7 @@ from kombu import Queue
 
 from routing.queues import dead_letter_queue, queue_arguments
 
-__all__ = ["InferenceAMQP", "InferenceQueues", "declare_topology"]
+__all__ = ["InferenceAMQP", "InferenceQueues", "declare_topology", "remove_topology"]
 
 
 class InferenceQueues(Queues):
@@ -88,3 +88,19 @@ def declare_topology(app: Any, names: list[str]) -> list[str]:
                 Queue(dead, queue_arguments=arguments)(channel).declare()
                 declared.append(dead)
     return declared
+
+
+def remove_topology(app: Any, names: list[str] | tuple[str, ...]) -> None:
+    """Delete ``names`` and their dead-letter queues: the undo of :func:`declare_topology`.
+
+    For the demo, the benchmark and the tests, which make their own queues per
+    run; a queue that is already gone is skipped.
+    """
+    with app.connection_for_write() as conn:
+        if conn.transport.driver_type != "amqp":
+            return
+        channel = conn.default_channel
+        for name in dict.fromkeys(names):
+            for queue in (name, dead_letter_queue(name)):
+                if queue:
+                    channel.queue_delete(queue)

@@ -19,6 +19,7 @@ import pytest
 from routing.queues import direct_queue
 from tasks import app
 from tasks.launcher import WorkerProcess
+from tasks.queues import remove_topology
 
 pytestmark = pytest.mark.integration
 
@@ -78,9 +79,7 @@ def worker_factory(tmp_path: Path, weights_dir: Path) -> Iterator[WorkerFactory]
         w.stop()
     leftovers = {w.name: w.session_pids() for w in started if w.session_pids()}
     depths = {q: queue_depth(q) for q in queues}
-    with app.connection_for_write() as conn:
-        for q in queues:
-            conn.default_channel.queue_delete(q)
+    remove_topology(app, sorted(queues))
     assert leftovers == {}, f"stray worker processes: {leftovers}"
     assert all(d == 0 for d in depths.values()), f"messages left on queues: {depths}"
 
@@ -108,7 +107,5 @@ def pair(
         for w in workers:
             w.stop()
         depths = {q: queue_depth(q) for q in (shared, *(w.own_queue for w in workers))}
-        with app.connection_for_write() as conn:
-            for q in depths:
-                conn.default_channel.queue_delete(q)
+        remove_topology(app, list(depths))
     assert all(d == 0 for d in depths.values()), f"messages left on queues: {depths}"

@@ -19,6 +19,7 @@ from routing.queues import direct_queue
 from tasks import app, infer, infer_many
 from tasks.batching import ManyResult, gather
 from tasks.launcher import WorkerProcess
+from tasks.queues import remove_topology
 from tests.integration.conftest import queue_depth
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -44,9 +45,7 @@ def batching_worker(
     )
     with w:
         yield w
-    with app.connection_for_write() as conn:
-        for q in w.consumed_queues:
-            conn.default_channel.queue_delete(q)
+    remove_topology(app, w.consumed_queues)
 
 
 def test_200_concurrent_requests_batch_and_match_unbatched(
@@ -150,6 +149,4 @@ def test_worker_killed_mid_batch_loses_nothing(
     finally:
         victim.stop()
         rescuer.stop()
-        with app.connection_for_write() as conn:
-            for q in (*queues, direct_queue(fallback, f"br-{run_id}")):
-                conn.default_channel.queue_delete(q)
+        remove_topology(app, [*queues, direct_queue(fallback, f"br-{run_id}")])

@@ -28,6 +28,7 @@ from routing.queues import direct_queue
 from tasks import app, infer
 from tasks.demo import sample_inputs
 from tasks.launcher import WorkerProcess
+from tasks.queues import remove_topology
 from tasks.routes import build_router, wait_for_workers
 from tests.integration.conftest import queue_depth
 
@@ -78,9 +79,7 @@ def fleet(
     finally:
         for w in f.workers.values():
             w.stop()
-        with app.connection_for_write() as conn:
-            for q in f.queues:
-                conn.default_channel.queue_delete(q)
+        remove_topology(app, f.queues)
 
 
 @pytest.fixture

@@ -34,6 +34,7 @@ from celery.security.serialization import SecureSerializer
 from routing.queues import dead_letter_queue, direct_queue
 from tasks import app
 from tasks.launcher import WorkerProcess
+from tasks.queues import remove_topology
 from tasks.signing import CERT_FILE, KEY_FILE, init
 from tests.integration.conftest import queue_depth
 
@@ -89,9 +90,7 @@ def signed(
         strays = worker.session_pids()
         queues = [worker.own_queue, queue, made.dead]
         depths = {q: queue_depth(q) for q in queues}  # every test drains its dead letters
-        with app.connection_for_write() as conn:
-            for q in queues:
-                conn.default_channel.queue_delete(q)
+        remove_topology(app, queues)
     assert strays == [], f"stray worker processes: {strays}"
     assert all(d == 0 for d in depths.values()), f"messages left on queues: {depths}"
 

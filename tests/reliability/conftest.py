@@ -32,6 +32,7 @@ import pytest
 from routing.queues import dead_letter_queue, direct_queue
 from tasks.app import InferenceApp
 from tasks.launcher import WorkerProcess
+from tasks.queues import remove_topology
 from tasks.settings import Settings
 from tests.reliability.ledger import Ledger
 
@@ -222,8 +223,6 @@ def fleet(
             w.stop()
         strays = {w.name: w.session_pids() for w in f.workers if w.session_pids()}
         depths = {q: queue_depth(rapp, q) for q in f.queues}
-        with rapp.connection_for_write() as conn:
-            for q in f.queues:
-                conn.default_channel.queue_delete(q)
+        remove_topology(rapp, f.queues)
         assert strays == {}, f"stray worker processes: {strays}"
         assert all(d == 0 for d in depths.values()), f"messages left on queues: {depths}"
