@@ -10,7 +10,6 @@ forward pass on the same weights.  Exits non-zero on any mismatch.
 from __future__ import annotations
 
 import os
-import socket
 import sys
 import tempfile
 import time
@@ -30,7 +29,7 @@ from tasks.app import app
 from tasks.client import outputs
 from tasks.diagnostics import noop
 from tasks.inference import infer
-from tasks.launcher import WorkerProcess
+from tasks.launcher import WorkerProcess, free_port
 from tasks.queues import remove_topology
 from tasks.routes import wait_for_workers
 
@@ -54,12 +53,6 @@ def _reference(spec: ModelSpec, batch: np.ndarray, weights: Path) -> np.ndarray:
 
     model = load_model(spec, weights, torch.device("cpu"), torch.float32)
     return forward(model, batch, torch.device("cpu"), "fp32")[0]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _show_metrics(console: Console, workers: list[WorkerProcess], ports: list[int]) -> None:
@@ -93,7 +86,7 @@ def main() -> int:
     shared = f"demo-{run}"
     logdir = Path(tempfile.mkdtemp(prefix="infer-demo-"))
     names = [f"cpu0-{run}", f"cpu1-{run}"]
-    ports = [_free_port(), _free_port()]  # each worker's Prometheus /metrics
+    ports = [free_port(), free_port()]  # each worker's Prometheus /metrics
     workers = [
         WorkerProcess(
             name,

@@ -227,17 +227,15 @@ class RouterCollector(Collector):
             "Share of decisions that went to the model's sticky worker",
             stats.sticky_hit_rate,
         )
-        times = sorted(stats.decision_us)
         quantiles = GaugeMetricFamily(
             "infer_router_decision_seconds",
             "Decision time over the last 10,000 decisions",
             labels=["quantile"],
         )
-        for q in (0.5, 0.99):
-            if times:
-                quantiles.add_metric(
-                    [str(q)], times[min(len(times) - 1, int(len(times) * q))] / 1e6
-                )
+        percentiles = stats.as_dict()["decision_us"]  # {"p50": µs, "p99": µs}; {} before any
+        for label, key in (("0.5", "p50"), ("0.99", "p99")):
+            if key in percentiles:
+                quantiles.add_metric([label], percentiles[key] / 1e6)
         yield quantiles
 
 

@@ -182,7 +182,7 @@ class TelemetryConsumer(Consumer):
         )
         if message.delivery_info.get("consumer_tag") in (message.channel.no_ack_consumers or ()):
             # A remote-control broadcast (no-ack pidbox queue): there is nothing to reject,
-            # and a reject of an unacked-less tag makes the broker close the channel.
+            # and rejecting a tag the broker never tracked makes it close the channel.
             return
         message.reject_log_error(log, self.connection_errors, requeue=False)
 

@@ -7,13 +7,11 @@ import json
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,17 +20,11 @@ import pytest
 from models.registry import get_spec
 from tasks import infer
 from tasks.demo import sample_inputs
-from tasks.launcher import WorkerProcess
-from tests.integration.conftest import WorkerFactory
+from tasks.launcher import WorkerProcess, free_port
+from tests.integration.conftest import WorkerFactory, eventually
 
 ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = "/usr/bin/chromium"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def http(url: str, auth: tuple[str, str] | None = None) -> tuple[int, bytes]:
@@ -45,17 +37,6 @@ def http(url: str, auth: tuple[str, str] | None = None) -> tuple[int, bytes]:
             return response.status, response.read()
     except urllib.error.HTTPError as e:
         return e.code, e.read()
-
-
-def eventually(check: Callable[[], Any], timeout: float = 60.0, what: str = "") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout}s: {what}")
-        time.sleep(0.5)
 
 
 class Flower:

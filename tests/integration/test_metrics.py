@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import os
-import socket
-import time
 import urllib.request
-from collections.abc import Callable
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -16,19 +13,13 @@ from models.registry import get_spec
 from routing.queues import direct_queue
 from tasks import app, infer
 from tasks.demo import sample_inputs
-from tasks.launcher import WorkerProcess
-from tests.integration.conftest import WorkerFactory
+from tasks.launcher import WorkerProcess, free_port
+from tests.integration.conftest import WorkerFactory, eventually
 
 pytestmark = pytest.mark.integration
 
 Pair = tuple[WorkerProcess, WorkerProcess, str]
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def scrape(port: int) -> Samples:
@@ -45,13 +36,6 @@ def scrape(port: int) -> Samples:
 
 def value(samples: Samples, name: str, **labels: str) -> float:
     return samples.get((name, frozenset(labels.items())), 0.0)
-
-
-def eventually(check: Callable[[], bool], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.2)
 
 
 def test_worker_exports_request_batch_model_and_memory_metrics(

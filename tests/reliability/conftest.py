@@ -31,7 +31,7 @@ import pytest
 
 from routing.queues import dead_letter_queue, direct_queue
 from tasks.app import InferenceApp
-from tasks.launcher import WorkerProcess
+from tasks.launcher import WorkerProcess, free_port
 from tasks.queues import remove_topology
 from tasks.settings import Settings
 from tests.reliability.ledger import Ledger
@@ -53,17 +53,11 @@ def scale() -> Scale:
     return Scale(full=FULL, soak=10_000 if FULL else 2_000, tasks=2_000 if FULL else 400)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class RedisServer:
     """A private redis-server whose data survives its own restarts (AOF, fsync always)."""
 
     def __init__(self, workdir: Path) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.workdir = workdir
         self.url = f"redis://127.0.0.1:{self.port}/0"
 
