@@ -32,6 +32,8 @@ class InferenceApp(Celery):
         kwargs.setdefault("amqp", "tasks.queues:InferenceAMQP")
         # Every task skips a duplicate delivery whose SUCCESS is stored (tasks.dedup).
         kwargs.setdefault("task_cls", "tasks.dedup:IdempotentTask")
+        # redis:// results through tasks.backend.ResilientRedisBackend (rides out a Redis restart).
+        kwargs.setdefault("loader", "tasks.backend:InferenceLoader")
         super().__init__("tasks", **kwargs)
         if settings is not None:
             # Celery's conf.result_backend prefers the CELERY_RESULT_BACKEND

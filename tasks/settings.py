@@ -114,6 +114,7 @@ class Settings:
     INFER_BROKER_HEARTBEAT            AMQP heartbeat, seconds (0: off)           20
     INFER_PUBLISH_RETRIES             publish retries while the broker is away   10
     INFER_BACKEND_RETRIES             result-backend retries before failing      30
+    INFER_BACKEND_RECONNECT_S         each Redis command reconnects this long    10
     INFER_DEDUPLICATE                 skip tasks whose SUCCESS is already stored  true
     INFER_FAULT_INJECTION             enable tasks.diag.crash (fault tests only) false
     INFER_BROKER_TLS_CA               CA bundle for amqps:// (empty: system CAs)  (none)
@@ -169,6 +170,7 @@ class Settings:
     broker_heartbeat: int = 20
     publish_retries: int = 10
     backend_retries: int = 30
+    backend_reconnect_s: float = 10.0
     deduplicate: bool = True
     fault_injection: bool = False
     broker_tls_ca: Path | None = None
@@ -312,6 +314,7 @@ class Settings:
             broker_heartbeat=_int(env, "INFER_BROKER_HEARTBEAT", cls.broker_heartbeat, minimum=0),
             publish_retries=_int(env, "INFER_PUBLISH_RETRIES", cls.publish_retries, minimum=0),
             backend_retries=_int(env, "INFER_BACKEND_RETRIES", cls.backend_retries, minimum=0),
+            backend_reconnect_s=_float(env, "INFER_BACKEND_RECONNECT_S", cls.backend_reconnect_s),
             deduplicate=_bool(env, "INFER_DEDUPLICATE", cls.deduplicate),
             fault_injection=_bool(env, "INFER_FAULT_INJECTION", cls.fault_injection),
             broker_tls_ca=_path(env, "INFER_BROKER_TLS_CA"),

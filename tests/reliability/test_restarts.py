@@ -8,10 +8,14 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from celery import chord
 
+from tasks.app import InferenceApp
+from tasks.backend import ResilientRedisBackend
+from tasks.settings import Settings
 from tests.reliability.conftest import FleetFactory, RedisServer, Scale
 from tests.reliability.ledger import sample
 
@@ -105,3 +109,48 @@ def test_redis_restart_mid_run(fleet: FleetFactory, scale: Scale, own_redis: Red
     gathered = f.ledger.outcomes([joined.id])[joined.id]["result"]
     assert gathered["batch_size"] == 50 and gathered["chunks"] == 50
     assert all(w.alive() for w in f.workers)
+
+
+def test_backend_commands_wait_for_redis_to_return(own_redis: RedisServer) -> None:
+    """Scenario 6b: the chord join's own Redis commands wait out a restart instead of failing.
+
+    Celery retries ``store_result`` by itself, but not the chord join in
+    ``on_chord_part_return``; without tasks.backend's reconnecting pool a
+    Redis blip there became a ``ChordError`` (CI, scenario 6).
+    """
+    app = InferenceApp(
+        Settings.from_env(
+            {"CELERY_RESULT_BACKEND": own_redis.url, "INFER_BACKEND_RECONNECT_S": "8"}
+        )
+    )
+    backend = app.backend
+    assert isinstance(backend, ResilientRedisBackend)
+    gid = f"restart-{time.monotonic_ns()}"
+    backend.set_chord_size(gid, 2)
+    jkey, tkey, skey = (backend.get_key_for_group(gid, s) for s in (".j", ".t", ".s"))
+    dkey, ckey = backend.get_key_for_group(gid, ".d"), backend.get_key_for_group(gid, ".c")
+
+    def part(tid: str, index: int) -> list[Any]:
+        return list(
+            backend._chord_part_return_script(
+                keys=[jkey, tkey, skey, dkey, backend.get_key_for_group(gid), ckey],
+                args=[tid, backend.encode([1, tid, "SUCCESS", index]), 1, index, 60, 60, 10, "t"],
+                client=backend.client,
+            )
+        )
+
+    assert part("a", 0)[0] == 1
+    own_redis.stop()
+    comeback = threading.Timer(2.0, own_redis.start)
+    comeback.start()
+    try:
+        started = time.monotonic()
+        ready, _, size, claimed = part("b", 1)  # sent while Redis is down
+        waited = time.monotonic() - started
+        with backend.client.pipeline() as pipe:
+            joined = pipe.zrange(jkey, 0, -1).execute()[0]
+    finally:
+        comeback.join()
+    assert waited >= 1.5  # it really met the outage and waited for Redis
+    assert (ready, int(size), claimed) == (2, 2, 1)  # both parts counted, the join claimed once
+    assert [backend.decode(j)[1] for j in joined] == ["a", "b"]

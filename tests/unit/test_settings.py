@@ -133,3 +133,15 @@ def test_bad_tls_settings(tmp_path: Path, env: dict[str, str], fragment: str) ->
             env = {**env, key: str(tmp_path / env[key])}
     with pytest.raises(ConfigurationError, match=fragment):
         Settings.from_env(env)
+
+
+def test_backend_reconnect_window_covers_the_setting() -> None:
+    from tasks.backend import reconnect_retry
+
+    for seconds in (0.5, 3.0, 10.0, 30.0):
+        retry = reconnect_retry(seconds)
+        waits = [retry._backoff.compute(n) for n in range(1, retry.get_retries() + 1)]
+        assert seconds <= sum(waits) < seconds + 0.6  # at most one cap over
+    assert Settings.from_env({"INFER_BACKEND_RECONNECT_S": "3"}).backend_reconnect_s == 3.0
+    with pytest.raises(ConfigurationError, match="INFER_BACKEND_RECONNECT_S"):
+        Settings.from_env({"INFER_BACKEND_RECONNECT_S": "0"})
