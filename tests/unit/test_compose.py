@@ -247,8 +247,8 @@ def test_rabbitmq_runs_the_provisioning_and_is_healthy_only_after_it(
 
 FAKE_SERVER = """#!/bin/sh
 # Stands in for the image's docker-entrypoint.sh: runs until TERM, then exits with $SERVER_RC.
-echo "start $*" >> "$FAKE_LOG"
 trap 'echo term >> "$FAKE_LOG"; exit "$SERVER_RC"' TERM
+echo "start $*" >> "$FAKE_LOG"
 if [ -n "${SERVER_DIES:-}" ]; then sleep 0.3; exit "$SERVER_DIES"; fi
 while :; do sleep 0.05; done
 """
@@ -272,7 +272,8 @@ def test_entrypoint_provisions_then_forwards_stop_and_exit_status(
     (home / ".erlang.cookie").write_text("cookie")
     scripts = {
         bin_dir / "docker-entrypoint.sh": FAKE_SERVER,
-        bin_dir / "rabbitmqctl": '#!/bin/sh\n[ -z "${SERVER_DIES:-}" ]\n',
+        # await_startup succeeds only once the (fake) server runs, as the real one does.
+        bin_dir / "rabbitmqctl": '#!/bin/sh\n[ -z "${SERVER_DIES:-}" ] && [ -s "$FAKE_LOG" ]\n',
         tmp_path / "provision.sh": f"exit {1 if case == 'provisioning fails' else 0}\n",
     }
     for path, text in scripts.items():
