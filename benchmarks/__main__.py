@@ -42,6 +42,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, help="override closed-loop requests per round")
     parser.add_argument("--window-requests", type=int, help="override windowed requests per round")
     parser.add_argument("--lanes", help="comma-separated subset of lanes")
+    parser.add_argument(
+        "--producers",
+        type=int,
+        default=0,
+        help="client processes of the saturation phase of the deployment lanes (0: skip it); "
+        "one client cannot outpace a batching worker, see benchmarks/producers.py",
+    )
     args = parser.parse_args(argv)
 
     plan = Plan.quick(args.device) if args.quick else Plan.full(args.device)
@@ -53,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
             requests=max(2, args.requests or rc.requests),
             window=rc.window,
             window_requests=max(rc.window, args.window_requests or rc.window_requests),
+            producers=max(0, args.producers),
         ),
         lanes=tuple(args.lanes.split(",")) if args.lanes else None,
     )

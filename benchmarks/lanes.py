@@ -7,6 +7,7 @@ A round is a closed loop of ``requests`` round trips with one in flight
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -43,6 +44,7 @@ class RoundConfig:
     requests: int  # closed loop, one in flight
     window: int  # requests in flight for the throughput phase
     window_requests: int
+    producers: int = 0  # client processes of the saturation phase (0: no such phase)
 
 
 @dataclass
@@ -51,6 +53,7 @@ class RoundResult:
     throughput_per_s: float = 0.0
     publish_us: float | None = None
     samples_per_s: dict[str, float] = field(default_factory=dict)  # in_process: by batch size
+    saturated_per_s: float | None = None  # requests/s with `producers` clients at once
     breakdown_ms: dict[str, list[float]] = field(default_factory=dict)
 
 
@@ -138,18 +141,43 @@ def _stop_session(proc: subprocess.Popen[bytes] | None) -> None:
 
 
 class CeleryLane(RoundTripLane):
-    """Round trips of one Celery task through ``submit()`` to a real worker process."""
+    """Round trips of one Celery task through ``submit()`` to a real worker process.
+
+    ``saturate`` (producer arguments, see :mod:`benchmarks.producers`) adds a
+    saturation phase when the round asks for producers: that many client
+    processes load the worker at once, ``saturate_window`` (else ``window``)
+    requests in flight in all.
+    """
 
     def __init__(
-        self, name: str, submit: Callable[[], Any], worker: WorkerProcess, window: int | None = None
+        self,
+        name: str,
+        submit: Callable[[], Any],
+        worker: WorkerProcess,
+        window: int | None = None,
+        saturate: list[str] | None = None,
+        saturate_window: int | None = None,
     ) -> None:
         self.name = name
         self._submit = submit
         self.worker = worker
         self.window = window
+        self.saturate = saturate
+        self.saturate_window = saturate_window
 
     def submit(self) -> Any:
         return self._submit()
+
+    def run_round(self, cfg: RoundConfig) -> RoundResult:
+        out = super().run_round(cfg)
+        if cfg.producers > 0 and self.saturate is not None:
+            out.saturated_per_s = saturate(
+                self.saturate,
+                producers=cfg.producers,
+                requests=max(cfg.window_requests, 2 * cfg.window),
+                window=self.saturate_window or self.window or cfg.window,
+            )
+        return out
 
     def wait(self, pending: Any) -> Any:
         return pending.get(timeout=60)
@@ -167,6 +195,61 @@ class CeleryLane(RoundTripLane):
     def stop(self) -> None:
         self.worker.stop()
         _delete_queues(self.worker.consumed_queues)
+
+
+def saturate(args: list[str], producers: int, requests: int, window: int) -> float:
+    """Requests/s of ``producers`` processes sending ``requests`` in all, ``window`` in flight."""
+    each_window = max(1, window // producers)
+    each = max(each_window, requests // producers)
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "benchmarks.producers",
+                *args,
+                "--requests",
+                str(each),
+                "--window",
+                str(each_window),
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(producers)
+    ]
+    try:
+        for p in procs:
+            _expect(p, "READY")
+        for p in procs:  # all warm: start them together
+            assert p.stdin is not None
+            p.stdin.write("GO\n")
+            p.stdin.flush()
+        reports = [json.loads(_expect(p, "{")) for p in procs]
+        for p in procs:
+            p.wait(timeout=60)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    errors = sum(r["errors"] for r in reports)
+    if errors:
+        raise RuntimeError(f"saturation phase: {errors} of {each * producers} requests failed")
+    span = max(r["ended"] for r in reports) - min(r["started"] for r in reports)
+    return sum(r["sent"] for r in reports) / span
+
+
+def _expect(proc: subprocess.Popen[str], prefix: str) -> str:
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if not line.startswith(prefix):
+        proc.kill()
+        _, err = proc.communicate(timeout=30)
+        raise RuntimeError(f"producer said {line!r}, expected {prefix!r}: {err[-2000:]}")
+    return line
 
 
 class AmqpFloorLane(RoundTripLane):

@@ -26,6 +26,7 @@ HEADERS = (
     "x floor",
     "x baseline",
     "req/s (window)",
+    "req/s (saturated)",
     "samples/s",
     "publish µs",
     "worker MB",
@@ -45,16 +46,16 @@ def rows(result: dict[str, Any]) -> list[tuple[str, ...]]:
     for name, lane in lanes.items():
         if name == "router":  # in-process decisions, no round trips
             figures = f"p99 {lane['decision_us_p99']:.1f} µs/decision; sticky hits {lane['sticky_hit_rate']:.1%}"
-            out.append((name, "-", "-", "-", "-", "-", "-", figures, "-", "-"))
+            out.append((name, "-", "-", "-", "-", "-", "-", "-", figures, "-", "-"))
             continue
         if name == "deployment_infer_chunked":
             figures = f"{lane['samples_per_s']:,.0f} (b{lane['batch']})"
-            out.append((name, "-", "-", "-", "-", "-", "-", figures, "-", "-"))
+            out.append((name, "-", "-", "-", "-", "-", "-", "-", figures, "-", "-"))
             continue
         if "rtt_ms" not in lane:  # in_process: compute only
             by = lane["by_batch"]
             samples = " / ".join(f"{by[b]:,.0f} (b{b})" for b in by)
-            out.append((name, "-", "-", "-", "-", "-", "-", samples, "-", "-"))
+            out.append((name, "-", "-", "-", "-", "-", "-", "-", samples, "-", "-"))
             continue
         r = lane["rtt_ms"]
         out.append(
@@ -66,6 +67,7 @@ def rows(result: dict[str, Any]) -> list[tuple[str, ...]]:
                 _f(r["p50"] / floor if floor else None, ".2f"),
                 _f(r["p50"] / base if base else None, ".2f"),
                 f"{lane['throughput_per_s']:,.0f}",
+                _f(lane.get("saturated_req_s"), ",.0f"),
                 _f(lane.get("samples_per_s"), ",.0f"),
                 _f(lane.get("publish_us"), ",.0f"),
                 _f(lane.get("worker_rss_mb"), ".0f"),
@@ -82,7 +84,14 @@ def _headline(result: dict[str, Any], source: str) -> str:
         f"RabbitMQ {m['rabbitmq']}, Redis {m['redis']}; serializer {m['serializer']}. "
         f"{p['rounds']} interleaved rounds, median reported; latency: {p['requests']} closed-loop "
         f"requests per round; throughput: {p['window_requests']} requests with {p['window']} in "
-        f"flight. Source: `{source}`."
+        f"flight"
+        + (
+            f"; saturated: {p['producers']} client processes, {p['saturation_in_flight']} in "
+            "flight in all, on each deployment worker's own queue"
+            if p.get("producers")
+            else ""
+        )
+        + f". Source: `{source}`."
     )
 
 

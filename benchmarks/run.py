@@ -102,11 +102,31 @@ def build_lanes(plan: Plan, logdir: Path) -> list[Lane]:
         queues=[direct_queue(shared, name), shared],
         preload=(MODEL,),
     )
-    lanes.append(CeleryLane("deployment_noop", lambda: noop.apply_async(), deploy))
+
+    # The saturation phase (--producers) addresses each worker's own queue from other
+    # processes, so it measures the worker rather than one client's publish rate.
+    def producer_args(task: str, queue: str) -> list[str]:
+        return ["--task", task, "--model", MODEL, "--queue", queue]
+
+    lanes.append(
+        CeleryLane(
+            "deployment_noop",
+            lambda: noop.apply_async(),
+            deploy,
+            saturate=producer_args("noop", deploy.own_queue),
+            saturate_window=BATCHED_WINDOW,
+        )
+    )
     x = np.random.default_rng(0).standard_normal((3, 32, 32), dtype=np.float32)
     # Same worker process as deployment_noop: started once, stopped once.
     lanes.append(
-        _SharedWorkerLane("deployment_infer", lambda: infer.apply_async((MODEL, x)), deploy)
+        _SharedWorkerLane(
+            "deployment_infer",
+            lambda: infer.apply_async((MODEL, x)),
+            deploy,
+            saturate=producer_args("infer", deploy.own_queue),
+            saturate_window=BATCHED_WINDOW,
+        )
     )
     # Dynamic batching: a threads-pool worker of its own; many single-sample requests in flight.
     bname = f"bench-b-{run}"
@@ -126,6 +146,7 @@ def build_lanes(plan: Plan, logdir: Path) -> list[Lane]:
             lambda: infer.apply_async((MODEL, x), queue=batched.own_queue),
             batched,
             window=BATCHED_WINDOW,
+            saturate=producer_args("infer", batched.own_queue),
         )
     )
     lanes.append(ChunkedLane(MODEL, max(BATCHES), x.shape, deploy.own_queue))
@@ -271,6 +292,8 @@ def run(plan: Plan) -> tuple[dict[str, Any], dict[str, list[float]]]:
             "requests": plan.round.requests,
             "window": plan.round.window,
             "window_requests": plan.round.window_requests,
+            "producers": plan.round.producers,
+            "saturation_in_flight": BATCHED_WINDOW if plan.round.producers else None,
             "model": MODEL,
         },
         "lanes": results,
@@ -313,6 +336,9 @@ def _summarise(name: str, rounds: list[RoundResult], worker_rss: float | None) -
         "rounds": len(rounds),
         "worker_rss_mb": worker_rss,
     }
+    saturated = [r.saturated_per_s for r in rounds if r.saturated_per_s is not None]
+    if saturated:
+        lane["saturated_req_s"] = median_of_rounds([{"v": v} for v in saturated])["v"]
     if name in ("deployment_infer", "deployment_infer_batched", "celery_batches"):
         lane.update(model=MODEL, samples_per_s=lane["throughput_per_s"])
     if name == "deployment_infer_batched":
@@ -358,6 +384,13 @@ def ratios(lanes: dict[str, Any]) -> dict[str, float | None]:
         "batched_vs_infer_samples": ratio(batched.get("samples_per_s"), infer_rate),
         "batched_vs_celery_batches_samples": ratio(
             batched.get("samples_per_s"), lanes.get("celery_batches", {}).get("samples_per_s")
+        ),
+        # Saturation phase (--producers): the workers' capacity, several clients at once.
+        "batched_vs_infer_saturated_req_s": ratio(
+            batched.get("saturated_req_s"), lanes.get("deployment_infer", {}).get("saturated_req_s")
+        ),
+        "batched_vs_noop_saturated_req_s": ratio(
+            batched.get("saturated_req_s"), lanes.get("deployment_noop", {}).get("saturated_req_s")
         ),
         "batched_vs_infer_p95": ratio(
             batched.get("rtt_ms", {}).get("p95"), p95("deployment_infer")

@@ -23,7 +23,7 @@
 #                              5672 / 6379 / 25672 / 4369 / rabbit@localhost
 #   DEVICE_WEIGHTS_DIR         weights folder                           var/weights
 #   BENCH_DEVICE               device of the inference lanes            cuda:0
-#   BENCH_ARGS                 size of the benchmark                    --quick --requests 200 --window-requests 400
+#   BENCH_ARGS                 size of the benchmark                    --quick --requests 200 --window-requests 400 --producers 4
 #   BENCH_LANES                lanes                                    (the batching-relevant ones)
 #   PYTEST_EXTRA               extra pytest arguments, e.g. -W 'ignore::DeprecationWarning:foo'
 #   DEVICE_BENCH_LIMIT         seconds the benchmark may take           140
@@ -43,7 +43,7 @@ export DR_NODE=${DEVICE_NODE:-rabbit@localhost}
 export SKIP_SERVICES=${DEVICE_RUN_SKIP_SERVICES:-0} FORCE_LIBS=${DEVICE_FORCE_BUNDLED_LIBS:-0}
 export WEIGHTS=${DEVICE_WEIGHTS_DIR:-$ROOT/var/weights}
 export BENCH_DEVICE=${BENCH_DEVICE:-cuda:0}
-export BENCH_ARGS=${BENCH_ARGS:---quick --requests 200 --window-requests 400}
+export BENCH_ARGS=${BENCH_ARGS:---quick --requests 200 --window-requests 400 --producers 4}
 export BENCH_LANES=${BENCH_LANES:-amqp_floor,celery_baseline,deployment_noop,deployment_infer,deployment_infer_batched,deployment_infer_chunked,dramatiq,in_process}
 export PYTEST_EXTRA=${PYTEST_EXTRA:-}
 export BENCH_LIMIT=${DEVICE_BENCH_LIMIT:-140}

@@ -39,6 +39,8 @@ def test_tiny_run_writes_json_table_and_plots(tmp_path: Path, weights_dir: Path)
             "16",
             "--device",
             "cpu",
+            "--producers",
+            "2",
             "--json",
             str(out_json),
         ],
@@ -68,6 +70,12 @@ def test_tiny_run_writes_json_table_and_plots(tmp_path: Path, weights_dir: Path)
         assert lane["throughput_per_s"] > 0 and lane["publish_us"] > 0, name
         assert lane["worker_rss_mb"] > 0, name
     assert lanes["deployment_infer"]["samples_per_s"] > 0
+    # The saturation phase: 2 producer processes per deployment lane, every request answered.
+    assert result["plan"]["producers"] == 2
+    for name in ("deployment_noop", "deployment_infer", "deployment_infer_batched"):
+        assert lanes[name]["saturated_req_s"] > 0, name
+    assert "saturated_req_s" not in lanes["celery_baseline"]
+    assert result["ratios"]["batched_vs_infer_saturated_req_s"] > 0
     assert lanes["deployment_infer"]["breakdown_ms"]["compute_ms"]["p50"] > 0
     assert lanes["in_process"]["by_batch"]["1"] > 0 and lanes["in_process"]["by_batch"]["64"] > 0
     assert result["ratios"]["deployment_noop_vs_celery_baseline_p50"] > 0

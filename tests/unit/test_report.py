@@ -65,8 +65,9 @@ def test_ratios_and_rows_on_known_lanes() -> None:
     lanes = {
         "amqp_floor": _lane(1.0),
         "celery_baseline": _lane(2.0),
-        "deployment_noop": _lane(2.2),
-        "deployment_infer": {**_lane(4.0, 250.0), "samples_per_s": 250.0},
+        "deployment_noop": {**_lane(2.2), "saturated_req_s": 900.0},
+        "deployment_infer": {**_lane(4.0, 250.0), "samples_per_s": 250.0, "saturated_req_s": 300.0},
+        "deployment_infer_batched": {**_lane(5.0, 400.0), "saturated_req_s": 750.0},
         "in_process": {"by_batch": {"1": 1000.0, "64": 5000.0}},
     }
     r = ratios(lanes)
@@ -78,4 +79,7 @@ def test_ratios_and_rows_on_known_lanes() -> None:
     assert r["celery_tuned_vs_baseline_p50"] is None  # lane absent: no invented figure
     table = {row[0]: row for row in rows({"lanes": lanes})}
     assert table["deployment_noop"][4:6] == ("2.20", "1.10")
-    assert table["in_process"][7] == "1,000 (b1) / 5,000 (b64)"
+    assert table["in_process"][8] == "1,000 (b1) / 5,000 (b64)"
+    assert r["batched_vs_infer_saturated_req_s"] == 2.5
+    assert r["batched_vs_noop_saturated_req_s"] == round(750 / 900, 3)
+    assert table["deployment_infer_batched"][7] == "750" and table["amqp_floor"][7] == "-"
