@@ -254,8 +254,14 @@ class Settings:
         if not (self.broker_url or "").startswith("amqps://"):
             return None
         import ssl
+        from urllib.parse import urlsplit
 
-        options: dict[str, Any] = {"cert_reqs": ssl.CERT_REQUIRED}
+        # py-amqp checks the certificate's names only when given server_hostname:
+        # without it any certificate of the trusted CA passes, whatever host it names.
+        options: dict[str, Any] = {
+            "cert_reqs": ssl.CERT_REQUIRED,
+            "server_hostname": urlsplit(self.broker_url or "").hostname,
+        }
         if self.broker_tls_ca is not None:
             options["ca_certs"] = str(self.broker_tls_ca)
         if self.broker_tls_cert is not None and self.broker_tls_key is not None:

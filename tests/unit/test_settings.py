@@ -104,6 +104,7 @@ def test_broker_tls_options(tmp_path: Path) -> None:
     )
     want = {
         "cert_reqs": ssl.CERT_REQUIRED,
+        "server_hostname": "rabbit",  # py-amqp checks the certificate's names only with this
         "ca_certs": str(ca),
         "certfile": str(cert),
         "keyfile": str(key),
