@@ -380,6 +380,8 @@ class Settings:
             self.ensure_dirs()
         return {
             "broker_url": self.broker,
+            # The embedded broker writes each message file atomically (tasks.embedded).
+            "broker_transport": "tasks.embedded:Transport" if self.embedded else None,
             "result_backend": self.backend,
             "broker_transport_options": transport_options,
             "broker_connection_retry_on_startup": True,
