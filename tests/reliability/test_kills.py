@@ -50,10 +50,18 @@ def test_kill_pool_child_repeatedly(fleet: FleetFactory, scale: Scale) -> None:
     for _ in range(scale.tasks):
         f.ledger.send("tasks.diag.sleep", (0.01,), queue=f.queue)
     kills = 0
+    killed: set[int] = set()
     for _ in range(5):
+        # The worker replaces a killed child (which preloads its model first): on a busy
+        # machine that can take over a second, so wait for the new one, then let it work.
+        deadline = time.monotonic() + 60
+        while not (fresh := [p for p in f.pool_children(target) if p not in killed]):
+            assert time.monotonic() < deadline, "the worker never replaced its pool child"
+            time.sleep(0.05)
         time.sleep(1.0)
-        for pid in f.pool_children(target):
+        for pid in fresh:
             os.kill(pid, signal.SIGKILL)
+            killed.add(pid)
             kills += 1
     report = f.ledger.report(timeout=180, child_kills=kills)
     assert kills >= 5
