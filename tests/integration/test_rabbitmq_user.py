@@ -278,7 +278,7 @@ CLIENT = textwrap.dedent("""
     with app.connection_for_read() as conn:
         def on_event(event):
             seen.append(event["type"])
-            if event["type"] == "task-succeeded":
+            if {"task-received", "task-started", "task-succeeded"} <= set(seen):
                 receiver.should_stop = True
         receiver = app.events.Receiver(conn, handlers={"*": on_event})
         capture = threading.Thread(
@@ -286,9 +286,11 @@ CLIENT = textwrap.dedent("""
             daemon=True,
         )
         capture.start()
-        time.sleep(2)  # the receiver's queue is bound
-        infer.apply_async(("mlp", x), queue="cpu").get(timeout=60)
-        capture.join(30)
+        # The receiver binds its queue in its thread: send until it has seen a task end.
+        deadline = time.monotonic() + 45
+        while capture.is_alive() and time.monotonic() < deadline:
+            infer.apply_async(("mlp", x), queue="cpu").get(timeout=60)
+            capture.join(3)
     out["events"] = sorted(set(seen))
     print(json.dumps(out))
 """)

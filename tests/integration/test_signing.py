@@ -124,15 +124,23 @@ def _task_events(app_: Any, hostname: str, queue: str) -> dict[str, Any]:
         receiver = app_.events.Receiver(conn, handlers={"*": seen.append})
         consumer = threading.Thread(target=receiver.capture, kwargs={"wakeup": False}, daemon=True)
         consumer.start()
-        time.sleep(1.0)  # the receiver's queue is bound
         enabled = app_.control.enable_events(destination=[hostname], reply=True, timeout=5)
-        task = app_.send_task("tasks.diag.noop", queue=queue)
-        task.get(timeout=60)
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline and not any(
-            e.get("type") == "task-succeeded" and e.get("uuid") == task.id for e in seen
-        ):
-            time.sleep(0.1)
+
+        def types_of(task_id: str) -> set[str]:
+            return {e["type"] for e in list(seen) if e.get("uuid") == task_id}
+
+        # The receiver binds its queue in its thread: until it has, events go nowhere.
+        # Send tasks until one is seen from its start to its end.
+        wanted = {"task-received", "task-succeeded"}
+        deadline = time.monotonic() + 45
+        while True:
+            task = app_.send_task("tasks.diag.noop", queue=queue)
+            task.get(timeout=60)
+            settle = time.monotonic() + 3
+            while time.monotonic() < settle and not wanted <= types_of(task.id):
+                time.sleep(0.1)
+            if wanted <= types_of(task.id) or time.monotonic() > deadline:
+                break
         disabled = app_.control.disable_events(destination=[hostname], reply=True, timeout=5)
         receiver.should_stop = True
         consumer.join(timeout=10)
