@@ -15,6 +15,7 @@ runs the reduced ones.
 
 from __future__ import annotations
 
+import gc
 import os
 import shutil
 import socket
@@ -145,6 +146,13 @@ def rapp(worker_env: dict[str, str]) -> Iterator[InferenceApp]:
     router = getattr(client, "_infer_router", None)
     if router is not None:  # stop its registry refresh before the suite's Redis goes
         router.registry.close()
+    # An AsyncResult unsubscribes from its result channel when it is collected.  Once
+    # the suite's Redis is gone, that raises in __del__ (Celery gives up reconnecting),
+    # and pytest turns the unraisable exception into a failed run: unsubscribe all now.
+    gc.collect()
+    consumer = client.backend.result_consumer
+    consumer.stop()
+    consumer.subscribed_to.clear()
 
 
 def queue_depth(app: Any, queue: str) -> int:
