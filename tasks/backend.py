@@ -18,6 +18,12 @@ It is selected through the app's loader (:class:`InferenceLoader`), Celery's
 own ``override_backends`` hook, so ``redis://`` and ``rediss://`` URLs keep
 their usual form everywhere (compose, the CLI, Flower).
 
+The window multiplies with Celery's own retry loops where they exist
+(``result_backend_max_retries`` for results, the result consumer's reconnect
+policy of 20 tries for a client's pub/sub): a Redis that stays down is
+reported after about that many windows instead of that many tries.  Hence a
+short default (5 s, enough for a restart).
+
 Caveat: a command whose reply was lost after Redis ran it is sent again.  The
 writes we make are idempotent (SET of a result; celery's chord script skips a
 part it already counted), except the test-only execution ledger's HINCRBY.
@@ -61,7 +67,7 @@ class ResilientRedisBackend(RedisBackend):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         settings = getattr(self.app, "infer_settings", None)
-        seconds = settings.backend_reconnect_s if settings is not None else 10.0
+        seconds = settings.backend_reconnect_s if settings is not None else 5.0
         self.reconnect_s = seconds
         self.connparams["retry"] = reconnect_retry(seconds)
         self.connparams["retry_on_error"] = [RedisConnectionError, RedisTimeoutError]

@@ -114,7 +114,7 @@ class Settings:
     INFER_BROKER_HEARTBEAT            AMQP heartbeat, seconds (0: off)           20
     INFER_PUBLISH_RETRIES             publish retries while the broker is away   10
     INFER_BACKEND_RETRIES             result-backend retries before failing      30
-    INFER_BACKEND_RECONNECT_S         each Redis command reconnects this long    10
+    INFER_BACKEND_RECONNECT_S         each Redis command reconnects this long    5
     INFER_DEDUPLICATE                 skip tasks whose SUCCESS is already stored  true
     INFER_FAULT_INJECTION             enable tasks.diag.crash (fault tests only) false
     INFER_BROKER_TLS_CA               CA bundle for amqps:// (empty: system CAs)  (none)
@@ -170,7 +170,7 @@ class Settings:
     broker_heartbeat: int = 20
     publish_retries: int = 10
     backend_retries: int = 30
-    backend_reconnect_s: float = 10.0
+    backend_reconnect_s: float = 5.0
     deduplicate: bool = True
     fault_injection: bool = False
     broker_tls_ca: Path | None = None
