@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,14 @@ def test_readme_results_block_is_generated_from_the_committed_json() -> None:
     assert source.startswith("benchmarks/results/")
     readme = (ROOT / "README.md").read_text()
     assert f"{BEGIN}\n{render(result, source)}\n{END}" in readme
+
+
+def test_every_results_table_in_the_readme_is_generated_from_its_json() -> None:
+    readme = (ROOT / "README.md").read_text()
+    sources = re.findall(r"Source: `(benchmarks/results/[^`]+\.json)`", readme)
+    assert len(sources) >= 2  # the CPU run and the GPU run
+    for source in sources:
+        assert render(json.loads((ROOT / source).read_text()), source) in readme, source
 
 
 def test_splice_replaces_only_the_block() -> None:
