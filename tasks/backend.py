@@ -40,6 +40,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
+from tasks.settings import Settings
+
 __all__ = ["InferenceLoader", "ResilientRedisBackend", "reconnect_retry"]
 
 _BASE_S = 0.05  # first waits 0.1, 0.2, 0.4 s, then every CAP
@@ -47,9 +49,7 @@ _CAP_S = 0.5
 
 
 def reconnect_retry(seconds: float) -> Retry:
-    """A redis-py ``Retry`` that keeps reconnecting for about ``seconds`` (0: no retry)."""
-    if seconds <= 0:
-        return Retry(ExponentialBackoff(cap=_CAP_S, base=_BASE_S), 0)
+    """A redis-py ``Retry`` that keeps reconnecting for about ``seconds``."""
     waits, retries = 0.0, 0
     while waits < seconds:
         retries += 1
@@ -67,15 +67,8 @@ class ResilientRedisBackend(RedisBackend):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         settings = getattr(self.app, "infer_settings", None)
-        seconds = settings.backend_reconnect_s if settings is not None else 5.0
-        self.reconnect_s = seconds
+        seconds = settings.backend_reconnect_s if settings else Settings.backend_reconnect_s
         self.connparams["retry"] = reconnect_retry(seconds)
-        self.connparams["retry_on_error"] = [RedisConnectionError, RedisTimeoutError]
-
-    @property
-    def reconnect_retries(self) -> int:
-        """How many reconnects one command may make (for logs and tests)."""
-        return int(self.connparams["retry"].get_retries())
 
 
 class InferenceLoader(AppLoader):
