@@ -22,18 +22,26 @@ import time
 from collections import deque
 from typing import Any
 
-__all__ = ["main"]
+__all__ = ["main", "request_input"]
+
+
+def request_input(model: str) -> Any:
+    """The one seeded sample every inference lane sends (the model's own sample shape)."""
+    import numpy as np
+
+    from models.registry import get_spec
+
+    shape = get_spec(model).sample_shape
+    return np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
 
 
 def _submit_fn(task: str, model: str, queue: str) -> Any:
-    import numpy as np
-
     from tasks import infer
     from tasks.diagnostics import noop
 
     if task == "noop":
         return lambda: noop.apply_async(queue=queue)
-    x = np.random.default_rng(0).standard_normal((3, 32, 32), dtype=np.float32)
+    x = request_input(model)
     return lambda: infer.apply_async((model, x), queue=queue)
 
 

@@ -28,6 +28,7 @@ from benchmarks.lanes import (
     rss_mb,
 )
 from benchmarks.machine import machine_info
+from benchmarks.producers import request_input
 from benchmarks.router_lane import RouterLane
 from benchmarks.stats import median_of_rounds, percentiles, ratio
 from routing.queues import direct_queue
@@ -117,7 +118,7 @@ def build_lanes(plan: Plan, logdir: Path) -> list[Lane]:
             saturate_window=BATCHED_WINDOW,
         )
     )
-    x = np.random.default_rng(0).standard_normal((3, 32, 32), dtype=np.float32)
+    x = request_input(MODEL)
     # Same worker process as deployment_noop: started once, stopped once.
     lanes.append(
         _SharedWorkerLane(
