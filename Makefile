@@ -23,14 +23,14 @@ $(WEIGHTS): $(STAMP) models/registry.py models/loader.py $(wildcard models/zoo/*
 weights: $(WEIGHTS)
 
 demo: $(WEIGHTS)
-	$(PY) -m tasks.demo
+	$(PY) -m tasks.ops.demo
 
 worker: $(WEIGHTS)
 	$(PY) -m tasks.worker --name $(NAME) --device $(DEVICE)
 
 # Needs FLOWER_BASIC_AUTH=user:password (refused when unset or a placeholder); 127.0.0.1 only.
 flower: $(STAMP)
-	$(PY) -m tasks.flower --address=127.0.0.1 --port=5555
+	$(PY) -m tasks.ops.flower --address=127.0.0.1 --port=5555
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -28,8 +28,8 @@ from benchmarks.machine import machine_info
 from benchmarks.stats import percentiles
 from routing.queues import direct_queue
 from tasks import app, infer
-from tasks.launcher import WorkerProcess
-from tasks.queues import remove_topology
+from tasks.ops.launcher import WorkerProcess
+from tasks.wire.queues import remove_topology
 
 __all__ = ["main", "run_burst"]
 

@@ -23,7 +23,7 @@ from typing import Any, Protocol
 from memory_profiler import memory_usage
 
 from benchmarks.amqp import pika_parameters
-from tasks.launcher import WorkerProcess
+from tasks.ops.launcher import WorkerProcess
 
 __all__ = [
     "AmqpFloorLane",
@@ -123,7 +123,7 @@ def _collect_timing(out: RoundResult, value: Any) -> None:
 def _delete_queues(names: list[str]) -> None:
     """Leave no benchmark queue behind on the broker."""
     from tasks import app
-    from tasks.queues import remove_topology
+    from tasks.wire.queues import remove_topology
 
     remove_topology(app, names)
 

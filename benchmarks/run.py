@@ -33,9 +33,9 @@ from benchmarks.router_lane import RouterLane
 from benchmarks.stats import median_of_rounds, percentiles, ratio
 from routing.queues import direct_queue
 from tasks import app, infer, noop
-from tasks.codec import encode
-from tasks.launcher import WorkerProcess
-from tasks.routes import get_router, wait_for_workers
+from tasks.client.routes import wait_for_workers
+from tasks.ops.launcher import WorkerProcess
+from tasks.wire.codec import encode
 
 __all__ = ["Plan", "run"]
 
@@ -223,7 +223,7 @@ class _RoutedWorker(WorkerProcess):
 
     def wait_ready(self, timeout: float = 90.0) -> WorkerProcess:
         super().wait_ready(timeout)
-        wait_for_workers({self.hostname}, timeout)
+        wait_for_workers(app.router, {self.hostname}, timeout)
         return self
 
 
@@ -278,7 +278,7 @@ def run(plan: Plan) -> tuple[dict[str, Any], dict[str, list[float]]]:
         client_rss = rss_mb(os.getpid(), children=False)
     results = {name: _summarise(name, rs, memory.get(name)) for name, rs in rounds.items()}
     if "deployment_noop" in results:  # the real router's own figures from the routed lanes
-        results["deployment_noop"]["router_stats"] = get_router().stats.as_dict()
+        results["deployment_noop"]["router_stats"] = app.router.stats.as_dict()
     samples = {
         name: [ms for r in rs for ms in r.rtt_ms] for name, rs in rounds.items() if rs[0].rtt_ms
     }

@@ -7,15 +7,24 @@ parent process that forks workers never initialises it.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
 from models.errors import ConfigurationError, UnsupportedDtype
+from models.loader import load_model
 from models.registry import ModelSpec
 
-__all__ = ["DTYPES", "forward", "resolve_device", "resolve_dtype", "supported_dtypes"]
+__all__ = [
+    "DTYPES",
+    "forward",
+    "reference_forward",
+    "resolve_device",
+    "resolve_dtype",
+    "supported_dtypes",
+]
 
 DTYPES: dict[str, torch.dtype] = {
     "fp32": torch.float32,
@@ -101,3 +110,15 @@ def forward(
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return y.numpy(), (time.perf_counter() - started) * 1000.0
+
+
+def reference_forward(spec: ModelSpec, inputs: np.ndarray, weights_dir: Path) -> np.ndarray:
+    """The expected outputs of ``spec`` on ``inputs``: a fresh fp32 model on the CPU, in process.
+
+    ``inputs`` is one sample or a batch; what a worker returns for the same
+    inputs must match this (the demo and the serving tests check it).
+    """
+    cpu = torch.device("cpu")
+    model = load_model(spec, weights_dir, cpu, torch.float32)
+    batch = np.asarray(inputs).reshape((-1, *spec.sample_shape)).astype(spec.input_dtype)
+    return forward(model, batch, cpu, "fp32")[0]

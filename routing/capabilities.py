@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from models.errors import ConfigurationError
@@ -128,9 +128,6 @@ class WorkerCapabilities:
         data["dtypes"] = tuple(data.get("dtypes", ()))
         data["models_loaded"] = tuple(data.get("models_loaded", ()))
         return cls(**data)
-
-    def with_load(self, in_flight: int) -> WorkerCapabilities:
-        return replace(self, in_flight=in_flight)
 
 
 def unmet(req: TaskRequirements, worker: WorkerCapabilities) -> str | None:

@@ -33,6 +33,7 @@ __all__ = [
     "dead_letter_queue",
     "direct_queue",
     "fallback_of",
+    "own_queue",
     "queue_arguments",
 ]
 
@@ -52,6 +53,11 @@ def fallback_of(queue: str) -> str | None:
     """The fallback queue of a direct queue, or None for any other queue."""
     fallback, mark, worker = queue.partition(MARK)
     return fallback if mark and fallback and worker else None
+
+
+def own_queue(consumed: list[str]) -> str | None:
+    """The direct queue among the queues a worker consumes (its own), or None."""
+    return next((q for q in consumed if fallback_of(q) is not None), None)
 
 
 def dead_letter_queue(queue: str) -> str | None:

@@ -6,7 +6,7 @@ calls.  Importing this package neither connects to a broker nor imports torch.
 
 from tasks import control  # registers `celery -A tasks inspect capabilities` for the CLI too
 from tasks.app import app
-from tasks.batching import infer_many
+from tasks.canvas import infer_many
 from tasks.diagnostics import noop, sleep
 from tasks.inference import infer
 

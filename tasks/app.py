@@ -1,39 +1,56 @@
-"""The Celery app.  ``celery -A tasks`` finds it as ``tasks.app``.
+"""The Celery app and all of its wiring.  ``celery -A tasks`` finds it as ``tasks.app``.
 
 Configuration is lazy: the environment is read the first time the app's
 configuration is needed (``add_defaults`` with a callable), not at import, and
 nothing connects to a broker until a task is sent or a worker starts.  With
 ``INFER_SIGNING_DIR`` set, that first read also switches on message signing
-(:mod:`tasks.signing`; task and control messages are signed, results are not).
+(:mod:`tasks.wire.signing`; task and control messages are signed, results are not).
+
+Every app routes with a capability router of its own (:class:`AppRoute`),
+built from its own settings on its first routed call.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from celery import Celery
 from celery.signals import before_task_publish
 
-from tasks.codec import display
-from tasks.settings import Settings
+from tasks.client.routes import AppRoute
+from tasks.settings import SERIALIZERS, Settings
+from tasks.wire.codec import display
 
-__all__ = ["SENT_AT_HEADER", "InferenceApp", "app"]
+if TYPE_CHECKING:
+    from routing.router import CapabilityRouter
+
+__all__ = ["SENT_AT_HEADER", "InferenceApp", "app", "broker_use_ssl", "celery_config"]
 
 # Wall-clock publish time, added to every task message so the worker can
 # report queue wait (meaningful across hosts when their clocks are synced).
 SENT_AT_HEADER = "infer_sent_at"
+
+# The modules a worker imports: the tasks, and the worker's signal handlers.
+WORKER_MODULES = [
+    "tasks.inference",
+    "tasks.canvas",
+    "tasks.diagnostics",
+    "tasks.control",
+    "tasks.worker.running",
+    "tasks.worker.lifecycle",
+]
 
 
 class InferenceApp(Celery):
     """A Celery app whose configuration comes from one :class:`Settings` object."""
 
     def __init__(self, settings: Settings | None = None, **kwargs: Any) -> None:
-        kwargs.setdefault("amqp", "tasks.queues:InferenceAMQP")
-        # Every task skips a duplicate delivery whose SUCCESS is stored (tasks.dedup).
-        kwargs.setdefault("task_cls", "tasks.dedup:IdempotentTask")
-        # redis:// results through tasks.backend.ResilientRedisBackend (rides out a Redis restart).
-        kwargs.setdefault("loader", "tasks.backend:InferenceLoader")
+        kwargs.setdefault("amqp", "tasks.wire.queues:InferenceAMQP")
+        # Every task skips a duplicate delivery whose SUCCESS is stored (tasks.worker.dedup).
+        kwargs.setdefault("task_cls", "tasks.worker.dedup:IdempotentTask")
+        # redis:// results through tasks.wire.backend.ResilientRedisBackend (rides out a Redis restart).
+        kwargs.setdefault("loader", "tasks.wire.backend:InferenceLoader")
         super().__init__("tasks", **kwargs)
         if settings is not None:
             # Celery's conf.result_backend prefers the CELERY_RESULT_BACKEND
@@ -42,17 +59,17 @@ class InferenceApp(Celery):
             # from CELERY_BROKER_URL when that is set.)
             self.backend_cls = settings.backend
         self._infer_settings = settings
+        self.route = AppRoute(lambda: self.infer_settings)
         self.add_defaults(self._config)
         self.on_after_configure.connect(self._enable_signing, weak=False)
 
     def _config(self) -> dict[str, Any]:
-        config = self.infer_settings.celery_config()
-        if config["task_routes"] and self is not app:
-            from tasks.routes import AppRoute  # tasks.routes imports this module
-
-            config["task_routes"] = [AppRoute(self)]  # its own router, from its own settings
+        config = celery_config(self.infer_settings)
+        config["task_routes"] = [self.route] if self.infer_settings.routing else []
         if self.infer_settings.signing_dir is not None:
-            from tasks import signing  # loads the key and certificates: a bad file stops us here
+            from tasks.wire import (
+                signing,  # loads the key and certificates: a bad file stops us here
+            )
 
             config.update(signing.celery_config(self.infer_settings))
         return config
@@ -61,7 +78,7 @@ class InferenceApp(Celery):
         # setup_security needs the configuration read (it checks task_serializer
         # is auth), so it runs once that is done, never at import.
         if self.infer_settings.signing_dir is not None:
-            from tasks import signing
+            from tasks.wire import signing
 
             signing.enable(self)
 
@@ -72,15 +89,122 @@ class InferenceApp(Celery):
             self._infer_settings = Settings.from_env()
         return self._infer_settings
 
+    @property
+    def router(self) -> CapabilityRouter:
+        """This app's capability router in this process, built on first use."""
+        return self.route.router
+
+    @property
+    def built_router(self) -> CapabilityRouter | None:
+        """This app's router if something has routed or asked for it; never builds one."""
+        return self.route.built
+
+
+def _ensure_dirs(settings: Settings) -> None:
+    """Create the local folders the embedded broker and the file result backend need."""
+    for sub in ("broker/queue", "broker/control", "results"):
+        (settings.home / sub).mkdir(parents=True, exist_ok=True)
+
+
+def broker_use_ssl(settings: Settings) -> dict[str, Any] | None:
+    """py-amqp TLS options for an amqps:// broker (certificate verified), else None."""
+    if not (settings.broker_url or "").startswith("amqps://"):
+        return None
+    import ssl
+    from urllib.parse import urlsplit
+
+    # py-amqp checks the certificate's names only when given server_hostname:
+    # without it any certificate of the trusted CA passes, whatever host it names.
+    options: dict[str, Any] = {
+        "cert_reqs": ssl.CERT_REQUIRED,
+        "server_hostname": urlsplit(settings.broker_url or "").hostname,
+    }
+    if settings.broker_tls_ca is not None:
+        options["ca_certs"] = str(settings.broker_tls_ca)
+    if settings.broker_tls_cert is not None and settings.broker_tls_key is not None:
+        options["certfile"] = str(settings.broker_tls_cert)
+        options["keyfile"] = str(settings.broker_tls_key)
+    return options
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    """The Celery configuration ``settings`` stand for (task routes aside: each app adds its own)."""
+    transport_options: dict[str, Any] = {}
+    if settings.embedded:
+        _ensure_dirs(settings)
+        queue = str(settings.home / "broker" / "queue")
+        transport_options = {
+            "data_folder_in": queue,
+            "data_folder_out": queue,
+            "control_folder": str(settings.home / "broker" / "control"),
+            "polling_interval": settings.embedded_poll_interval,
+        }
+    elif settings.broker.startswith(("amqp", "pyamqp")):
+        # Wait for the broker's ack of every publish: a message is either
+        # confirmed on the broker or the publish raises.
+        transport_options = {"confirm_publish": True}
+    elif settings.result_backend is None:
+        _ensure_dirs(settings)
+    return {
+        "broker_url": settings.broker,
+        # The embedded broker writes each message file atomically (tasks.wire.embedded).
+        "broker_transport": "tasks.wire.embedded:Transport" if settings.embedded else None,
+        "result_backend": settings.backend,
+        "broker_transport_options": transport_options,
+        "broker_connection_retry_on_startup": True,
+        "broker_use_ssl": broker_use_ssl(settings) or False,
+        "task_serializer": settings.serializer,
+        "result_serializer": settings.serializer,
+        "accept_content": list(SERIALIZERS),
+        "result_accept_content": list(SERIALIZERS),
+        "event_serializer": "json",
+        # At-least-once: ack after the task ran, requeue when the pool
+        # child dies; the queue's delivery limit ends poison loops.
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "task_default_delivery_mode": "persistent",
+        # Ride out a broker restart instead of failing the caller at once;
+        # after the retries the caller gets the publish error.
+        "task_publish_retry": True,
+        "task_publish_retry_policy": {
+            "max_retries": settings.publish_retries,
+            "interval_start": 0,
+            "interval_step": 0.5,
+            "interval_max": 2,
+        },
+        "broker_heartbeat": settings.broker_heartbeat,
+        "broker_connection_retry": True,
+        "broker_connection_max_retries": None,  # a worker waits for its broker forever
+        # A connection loss requeues the unacked messages on the broker:
+        # stop running them here, or they would run twice.
+        "worker_cancel_long_running_tasks_on_connection_loss": True,
+        # A redelivered message whose SUCCESS is stored is acked, not rerun
+        # (tasks.worker.dedup extends this to republished copies).
+        "worker_deduplicate_successful_tasks": settings.deduplicate,
+        "result_backend_always_retry": True,
+        "result_backend_max_retries": settings.backend_retries,
+        "worker_detect_quorum_queues": True,
+        # Quorum queues disable global QoS, so ETA/countdown tasks use
+        # Celery's native delayed delivery, which needs topic exchanges.
+        "task_default_exchange_type": "topic",
+        "task_create_missing_queue_exchange_type": "topic",
+        "worker_prefetch_multiplier": settings.prefetch_multiplier,
+        "task_time_limit": settings.task_time_limit,
+        "task_soft_time_limit": settings.task_soft_time_limit,
+        "result_expires": settings.result_expires,
+        "result_extended": settings.result_extended,
+        "task_track_started": settings.track_started,
+        "task_default_queue": "cpu",
+        "task_send_sent_event": settings.sent_events,
+        "worker_send_task_events": settings.task_events,
+        "worker_consumer": "tasks.worker.consumer:TelemetryConsumer",
+        "worker_proc_alive_timeout": settings.worker_init_timeout,
+        "broker_channel_error_retry": True,
+    }
+
 
 app = InferenceApp()
-app.conf.include = [
-    "tasks.inference",
-    "tasks.batching",
-    "tasks.diagnostics",
-    "tasks.worker",
-    "tasks.control",
-]
+app.conf.include = WORKER_MODULES
 
 
 @before_task_publish.connect

@@ -22,9 +22,10 @@ from celery.worker.control import control_command, inspect_command
 
 from models.errors import InferenceError
 from models.registry import get_spec
-from routing.registry import store_for
+from routing.queues import own_queue
 from tasks.app import app
 from tasks.inference import check_dtype
+from tasks.wire.backend import registry_store
 
 __all__ = ["capabilities", "load", "load_model", "unload", "unload_model"]
 
@@ -34,7 +35,7 @@ def capabilities(state: Any) -> dict[str, Any]:
     """This worker's advertised capabilities (device, memory, dtypes, models, load)."""
     settings = app.infer_settings
     hostname = state.consumer.hostname
-    for record in store_for(settings.backend, settings.home, settings.registry_namespace).load():
+    for record in registry_store(settings).load():
         if record.name == hostname:
             return json.loads(record.to_json())
     return {
@@ -43,9 +44,8 @@ def capabilities(state: Any) -> dict[str, Any]:
 
 
 def _hand_to_child(state: Any, task: str, *args: Any) -> dict[str, Any]:
-    from tasks import worker
-
-    if worker._own_queue is None:
+    queue = own_queue(list(state.consumer.app.amqp.queues.consume_from or {}))
+    if queue is None:
         return {"error": "this worker consumes no direct queue, so it cannot be told to load"}
     try:
         get_spec(args[0])
@@ -53,7 +53,7 @@ def _hand_to_child(state: Any, task: str, *args: Any) -> dict[str, Any]:
             check_dtype(args[1])
     except InferenceError as e:
         return {"error": str(e)}
-    result = app.send_task(task, args=(state.consumer.hostname, *args), queue=worker._own_queue)
+    result = app.send_task(task, args=(state.consumer.hostname, *args), queue=queue)
     return {"ok": f"{task} {' '.join(str(a) for a in args if a)} queued", "task_id": result.id}
 
 
@@ -80,7 +80,7 @@ def _check_target(self: Any, target: str) -> dict[str, Any] | None:
 def load(self: Any, target: str, model: str, dtype: str | None = None) -> dict[str, Any]:
     """Runs in the process that owns the device: load ``model`` and report the cache."""
     from models.runner import resolve_dtype
-    from tasks.worker import get_runtime
+    from tasks.worker.runtime import get_runtime
 
     skipped = _check_target(self, target)
     if skipped:
@@ -97,7 +97,7 @@ def load(self: Any, target: str, model: str, dtype: str | None = None) -> dict[s
 @app.task(bind=True, name="tasks.admin.unload")
 def unload(self: Any, target: str, model: str) -> dict[str, Any]:
     """Runs in the process that owns the device: evict every precision of ``model``."""
-    from tasks.worker import get_runtime
+    from tasks.worker.runtime import get_runtime
 
     skipped = _check_target(self, target)
     if skipped:

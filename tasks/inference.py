@@ -23,10 +23,11 @@ from typing import Any
 
 from models.errors import RequestError, UnsupportedDtype
 from models.registry import get_spec
-from models.validation import check_input, check_size
+from models.validation import check_size
 from tasks.app import SENT_AT_HEADER, app
-from tasks.codec import decode, encode, to_array
-from tasks.dedup import IdempotentTask
+from tasks.wire.codec import encode, to_array
+from tasks.wire.request import checked_inputs, infer_call
+from tasks.worker.dedup import IdempotentTask
 
 __all__ = ["InferenceTask", "infer"]
 
@@ -72,20 +73,14 @@ def prepare_request(
 
     Arrays travel as raw bytes under msgpack and as base64 under json.
     """
-    settings = app.infer_settings
-    model = args[0] if args else kwargs.get("model")
-    in_args = len(args) > 1
-    inputs = args[1] if in_args else kwargs.get("inputs")
-    dtype = args[2] if len(args) > 2 else kwargs.get("dtype")
+    model, inputs, dtype = infer_call(args, kwargs)
     spec = get_spec(model)
     check_dtype(dtype)
+    checked_inputs(spec, inputs, app.infer_settings.max_payload_bytes)
     array = to_array(inputs)
     if array is not None:
-        check_input(spec, array, settings.max_payload_bytes)
         inputs = encode(array, binary=serializer == "msgpack")
-    else:
-        check_input(spec, decode(inputs, settings.max_payload_bytes), settings.max_payload_bytes)
-    if in_args:
+    if len(args) > 1:
         args[1] = inputs
     else:
         kwargs["inputs"] = inputs
@@ -96,16 +91,14 @@ def prepare_request(
 def infer(self: InferenceTask, model: str, inputs: Any, dtype: str | None = None) -> dict[str, Any]:
     """Run ``model`` on ``inputs`` (one sample or a batch) on this worker's device."""
     from models.runner import forward, resolve_dtype
-    from tasks import metrics
-    from tasks.worker import get_runtime
+    from tasks.worker import metrics
+    from tasks.worker.runtime import get_runtime
 
     started = time.time()
     settings = app.infer_settings
     spec = get_spec(model)
     check_dtype(dtype)
-    batch = check_input(
-        spec, decode(inputs, settings.max_payload_bytes), settings.max_payload_bytes
-    )
+    batch = checked_inputs(spec, inputs, settings.max_payload_bytes)
     runtime = get_runtime()
     precision = resolve_dtype(dtype, spec, runtime.device)
     batch_size, batch_wait_ms = int(batch.shape[0]), 0.0

@@ -12,13 +12,13 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from models.errors import ConfigurationError
 from models.registry import get_spec
 from routing.queues import QUEUE_TYPES
 
-__all__ = ["Settings"]
+__all__ = ["SERIALIZERS", "Settings"]
 
 SERIALIZERS = ("msgpack", "json")  # pickle is never accepted, on purpose
 T = TypeVar("T")
@@ -239,35 +239,15 @@ class Settings:
     def _check_signing(self) -> None:
         if self.signing_dir is None:
             return
-        from tasks.signing import missing_files  # no crypto import: file checks only
+        from tasks.wire.signing import missing_files  # no crypto import: file checks only
 
         missing = missing_files(self.signing_dir)
         if missing:
             raise ConfigurationError(
                 f"INFER_SIGNING_DIR={self.signing_dir} lacks {', '.join(missing)}: create a key, "
-                f"certificate and trusted/ store with `python -m tasks.signing init "
+                f"certificate and trusted/ store with `python -m tasks.wire.signing init "
                 f"{self.signing_dir}`, then copy every other host's signer.pem into trusted/"
             )
-
-    def broker_use_ssl(self) -> dict[str, Any] | None:
-        """py-amqp TLS options for an amqps:// broker (certificate verified), else None."""
-        if not (self.broker_url or "").startswith("amqps://"):
-            return None
-        import ssl
-        from urllib.parse import urlsplit
-
-        # py-amqp checks the certificate's names only when given server_hostname:
-        # without it any certificate of the trusted CA passes, whatever host it names.
-        options: dict[str, Any] = {
-            "cert_reqs": ssl.CERT_REQUIRED,
-            "server_hostname": urlsplit(self.broker_url or "").hostname,
-        }
-        if self.broker_tls_ca is not None:
-            options["ca_certs"] = str(self.broker_tls_ca)
-        if self.broker_tls_cert is not None and self.broker_tls_key is not None:
-            options["certfile"] = str(self.broker_tls_cert)
-            options["keyfile"] = str(self.broker_tls_key)
-        return options
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -354,87 +334,6 @@ class Settings:
         else:
             where = f"broker {_redact(self.broker)}"
         return f"{where}; results in {_redact(self.backend)}; serializer {self.serializer}"
-
-    def ensure_dirs(self) -> None:
-        """Create the local folders the embedded broker and file backend need."""
-        for sub in ("broker/queue", "broker/control", "results"):
-            (self.home / sub).mkdir(parents=True, exist_ok=True)
-
-    def celery_config(self) -> dict[str, Any]:
-        """The Celery configuration these settings stand for."""
-        transport_options: dict[str, Any] = {}
-        if self.embedded:
-            self.ensure_dirs()
-            queue = str(self.home / "broker" / "queue")
-            transport_options = {
-                "data_folder_in": queue,
-                "data_folder_out": queue,
-                "control_folder": str(self.home / "broker" / "control"),
-                "polling_interval": self.embedded_poll_interval,
-            }
-        elif self.broker.startswith(("amqp", "pyamqp")):
-            # Wait for the broker's ack of every publish: a message is either
-            # confirmed on the broker or the publish raises.
-            transport_options = {"confirm_publish": True}
-        elif self.result_backend is None:
-            self.ensure_dirs()
-        return {
-            "broker_url": self.broker,
-            # The embedded broker writes each message file atomically (tasks.embedded).
-            "broker_transport": "tasks.embedded:Transport" if self.embedded else None,
-            "result_backend": self.backend,
-            "broker_transport_options": transport_options,
-            "broker_connection_retry_on_startup": True,
-            "broker_use_ssl": self.broker_use_ssl() or False,
-            "task_serializer": self.serializer,
-            "result_serializer": self.serializer,
-            "accept_content": list(SERIALIZERS),
-            "result_accept_content": list(SERIALIZERS),
-            "event_serializer": "json",
-            # At-least-once: ack after the task ran, requeue when the pool
-            # child dies; the queue's delivery limit ends poison loops.
-            "task_acks_late": True,
-            "task_reject_on_worker_lost": True,
-            "task_default_delivery_mode": "persistent",
-            # Ride out a broker restart instead of failing the caller at once;
-            # after the retries the caller gets the publish error.
-            "task_publish_retry": True,
-            "task_publish_retry_policy": {
-                "max_retries": self.publish_retries,
-                "interval_start": 0,
-                "interval_step": 0.5,
-                "interval_max": 2,
-            },
-            "broker_heartbeat": self.broker_heartbeat,
-            "broker_connection_retry": True,
-            "broker_connection_max_retries": None,  # a worker waits for its broker forever
-            # A connection loss requeues the unacked messages on the broker:
-            # stop running them here, or they would run twice.
-            "worker_cancel_long_running_tasks_on_connection_loss": True,
-            # A redelivered message whose SUCCESS is stored is acked, not rerun
-            # (tasks.dedup extends this to republished copies).
-            "worker_deduplicate_successful_tasks": self.deduplicate,
-            "result_backend_always_retry": True,
-            "result_backend_max_retries": self.backend_retries,
-            "worker_detect_quorum_queues": True,
-            # Quorum queues disable global QoS, so ETA/countdown tasks use
-            # Celery's native delayed delivery, which needs topic exchanges.
-            "task_default_exchange_type": "topic",
-            "task_create_missing_queue_exchange_type": "topic",
-            "worker_prefetch_multiplier": self.prefetch_multiplier,
-            "task_time_limit": self.task_time_limit,
-            "task_soft_time_limit": self.task_soft_time_limit,
-            "result_expires": self.result_expires,
-            "result_extended": self.result_extended,
-            "task_track_started": self.track_started,
-            "task_default_queue": "cpu",
-            "task_send_sent_event": self.sent_events,
-            "worker_send_task_events": self.task_events,
-            "worker_consumer": "tasks.worker:TelemetryConsumer",
-            "task_routes": ["tasks.routes.route"] if self.routing else [],
-            "worker_proc_alive_timeout": self.worker_init_timeout,
-            "broker_channel_error_retry": True,
-        }
 
 
 def _redact(url: str) -> str:

@@ -20,8 +20,8 @@ import pytest
 
 from routing.queues import direct_queue
 from tasks import app
-from tasks.launcher import WorkerProcess
-from tasks.queues import remove_topology
+from tasks.ops.launcher import WorkerProcess
+from tasks.wire.queues import remove_topology
 
 pytestmark = pytest.mark.integration
 

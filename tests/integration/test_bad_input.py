@@ -15,7 +15,7 @@ import pytest
 
 from models import errors
 from tasks import app, infer
-from tasks.launcher import WorkerProcess
+from tasks.ops.launcher import WorkerProcess
 
 pytestmark = pytest.mark.integration
 Pair = tuple[WorkerProcess, WorkerProcess, str]

@@ -8,26 +8,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from celery import chord
 
 from models import errors
-from models.loader import load_model
 from models.registry import get_spec
-from models.runner import forward
+from models.runner import reference_forward
 from routing.queues import direct_queue
 from tasks import app, infer, infer_many
-from tasks.batching import ManyResult, gather
-from tasks.launcher import WorkerProcess
-from tasks.queues import remove_topology
+from tasks.canvas import ManyResult, gather
+from tasks.ops.launcher import WorkerProcess
+from tasks.wire.queues import remove_topology
 from tests.integration.conftest import queue_depth
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-
-def reference(model: str, batch: np.ndarray, weights_dir: Path) -> np.ndarray:
-    net = load_model(get_spec(model), weights_dir, torch.device("cpu"), torch.float32)
-    return forward(net, batch, torch.device("cpu"), "fp32")[0]
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +52,9 @@ def test_200_concurrent_requests_batch_and_match_unbatched(
     got = np.concatenate(
         [np.frombuffer(r["outputs"]["data"], np.float32).reshape(1, 10) for r in replies]
     )
-    expected = np.concatenate([reference("cnn", x[i : i + 1], weights_dir) for i in range(200)])
+    expected = np.concatenate(
+        [reference_forward(get_spec("cnn"), x[i : i + 1], weights_dir) for i in range(200)]
+    )
     assert np.allclose(got, expected, atol=1e-4)
     sizes = [r["forward_batch"] for r in replies]
     assert max(sizes) > 1 and sum(s > 1 for s in sizes) > 100  # most rode in a shared pass
@@ -85,7 +80,7 @@ def test_infer_many_over_2000_inputs_returns_them_in_order(
     result = infer_many("mlp", x, batch_size=128, queue=batching_worker.own_queue)
     got = result.get(timeout=180)
     assert got.shape == (2000, 10)
-    assert np.allclose(got, reference("mlp", x, weights_dir), atol=1e-4)
+    assert np.allclose(got, reference_forward(get_spec("mlp"), x, weights_dir), atol=1e-4)
     assert len(result.ranges) == 16 and result.ranges[-1] == (1920, 2000)
 
 

@@ -16,7 +16,11 @@ def test_demo_runs_on_the_embedded_broker(tmp_path: Path, weights_dir: Path) -> 
     env = {k: v for k, v in os.environ.items() if not k.startswith("CELERY_")}
     env.update(INFER_HOME=str(tmp_path / "home"), INFER_WEIGHTS_DIR=str(weights_dir))
     out = subprocess.run(
-        [sys.executable, "-m", "tasks.demo"], env=env, capture_output=True, text=True, timeout=240
+        [sys.executable, "-m", "tasks.ops.demo"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
     )
     assert out.returncode == 0, out.stdout + out.stderr
     assert "embedded broker (kombu filesystem transport)" in out.stdout

@@ -1,4 +1,4 @@
-"""A real Flower (``python -m tasks.flower``) over real RabbitMQ, a real worker, a real browser."""
+"""A real Flower (``python -m tasks.ops.flower``) over real RabbitMQ, a real worker, a real browser."""
 
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ import pytest
 
 from models.registry import get_spec
 from tasks import infer
-from tasks.demo import sample_inputs
-from tasks.launcher import WorkerProcess, free_port
+from tasks.ops.demo import sample_inputs
+from tasks.ops.launcher import WorkerProcess, free_port
 from tests.integration.conftest import WorkerFactory, eventually
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -66,7 +66,7 @@ def flower(tmp_path: Path) -> Iterator[Flower]:
     env = {**os.environ, "FLOWER_BASIC_AUTH": f"{auth[0]}:{auth[1]}"}
     log = (tmp_path / "flower.log").open("wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tasks.flower", "--port", str(port)],
+        [sys.executable, "-m", "tasks.ops.flower", "--port", str(port)],
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -103,7 +103,7 @@ def test_flower_refuses_to_start_without_a_password() -> None:
         if value is not None:
             env["FLOWER_BASIC_AUTH"] = value
         done = subprocess.run(
-            [sys.executable, "-m", "tasks.flower", "--port", str(free_port())],
+            [sys.executable, "-m", "tasks.ops.flower", "--port", str(free_port())],
             env=env,
             capture_output=True,
             text=True,

@@ -12,8 +12,8 @@ from models.errors import NonFiniteInput, UnknownModel
 from models.registry import get_spec
 from routing.queues import direct_queue
 from tasks import app, infer
-from tasks.demo import sample_inputs
-from tasks.launcher import WorkerProcess, free_port
+from tasks.ops.demo import sample_inputs
+from tasks.ops.launcher import WorkerProcess, free_port
 from tests.integration.conftest import WorkerFactory, eventually
 
 pytestmark = pytest.mark.integration
@@ -90,11 +90,11 @@ def test_worker_exports_request_batch_model_and_memory_metrics(
 
 def test_a_client_exports_its_router_decisions(pair: Pair) -> None:
     from tasks import metrics
-    from tasks.routes import get_router, wait_for_workers
+    from tasks.client.routes import wait_for_workers
 
     a, b, _ = pair
-    wait_for_workers({a.hostname, b.hostname})
-    router = get_router()
+    wait_for_workers(app.router, {a.hostname, b.hostname})
+    router = app.router
     port = free_port()
     assert metrics.serve(port)  # what a client application calls to export its router
     before = scrape(port)

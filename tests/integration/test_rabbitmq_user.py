@@ -29,7 +29,7 @@ import yaml
 from kombu import Connection, Exchange, Queue
 from kombu.transport.pyamqp import Channel
 
-from tasks.launcher import WorkerProcess
+from tasks.ops.launcher import WorkerProcess
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -251,7 +251,7 @@ CLIENT = textwrap.dedent("""
     from models.errors import NoCapableWorker
     from models.registry import get_spec
     from tasks import app, infer
-    from tasks.demo import sample_inputs
+    from tasks.ops.demo import sample_inputs
 
     own_queue = sys.argv[1]
     x = sample_inputs(get_spec("mlp"), 1, 1)[0]

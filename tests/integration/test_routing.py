@@ -21,15 +21,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import tasks.routes
+import tasks.client.routes
 from models.errors import NoCapableWorker
 from models.registry import get_spec
 from routing.queues import direct_queue
 from tasks import app, infer
-from tasks.demo import sample_inputs
-from tasks.launcher import WorkerProcess
-from tasks.queues import remove_topology
-from tasks.routes import build_router, wait_for_workers
+from tasks.client.routes import build_router, wait_for_workers
+from tasks.ops.demo import sample_inputs
+from tasks.ops.launcher import WorkerProcess
+from tasks.wire.queues import remove_topology
 from tests.integration.conftest import queue_depth
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -85,11 +85,11 @@ def fleet(
 @pytest.fixture
 def router(
     fleet: Fleet, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[tasks.routes.CapabilityRouter]:
+) -> Iterator[tasks.client.routes.CapabilityRouter]:
     """The real router, reading this fleet's registry namespace."""
     r = build_router(replace(app.infer_settings, registry_namespace=fleet.namespace))
-    monkeypatch.setattr(tasks.routes, "_router", r)
-    wait_for_workers({w.hostname for w in fleet.workers.values() if w.alive()})
+    monkeypatch.setattr(tasks.client.routes, "_router", r)
+    wait_for_workers(app.router, {w.hostname for w in fleet.workers.values() if w.alive()})
     yield r
     r.registry.close()
 
@@ -110,7 +110,7 @@ def test_requests_land_only_on_capable_workers(fleet: Fleet, router: object) -> 
 
 
 def test_a_models_requests_stick_to_the_worker_holding_it(
-    fleet: Fleet, router: tasks.routes.CapabilityRouter
+    fleet: Fleet, router: tasks.client.routes.CapabilityRouter
 ) -> None:
     results = [infer.apply_async(("transformer", x("transformer", i))) for i in range(20)]
     workers = Counter(r.get(timeout=60)["worker"] for r in results)
@@ -158,7 +158,7 @@ def test_inspect_capabilities_shows_each_record(fleet: Fleet, router: object) ->
 
 
 def test_killed_workers_traffic_moves_with_nothing_lost(
-    fleet: Fleet, router: tasks.routes.CapabilityRouter
+    fleet: Fleet, router: tasks.client.routes.CapabilityRouter
 ) -> None:
     # cnn sticks to "bf16" (it holds cnn); kill it with requests queued and in flight.
     first = [infer.apply_async(("cnn", x("cnn", i))) for i in range(10)]

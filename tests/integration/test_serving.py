@@ -11,25 +11,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
-from models.loader import load_model
 from models.registry import get_spec, model_names
-from models.runner import forward
+from models.runner import reference_forward
 from tasks import app, infer
-from tasks.client import outputs
-from tasks.demo import sample_inputs
-from tasks.launcher import WorkerProcess
+from tasks.client.results import outputs
+from tasks.ops.demo import sample_inputs
+from tasks.ops.launcher import WorkerProcess
 
 pytestmark = pytest.mark.integration
 Pair = tuple[WorkerProcess, WorkerProcess, str]
-
-
-def reference(name: str, x: np.ndarray, weights_dir: Path) -> np.ndarray:
-    spec = get_spec(name)
-    model = load_model(spec, weights_dir, torch.device("cpu"), torch.float32)
-    batch = x.reshape((-1, *spec.sample_shape)).astype(spec.input_dtype)
-    return forward(model, batch, torch.device("cpu"), "fp32")[0]
 
 
 @pytest.mark.parametrize("serializer", ["msgpack", "json"])
@@ -46,7 +37,7 @@ def test_every_model_matches_in_process(
     pending = [(x, infer.apply_async((name, x), queue=q, serializer=serializer)) for x, q in cases]
     for (x, queue), (_, res) in zip(cases, pending, strict=True):
         got = res.get(timeout=60)
-        expected = reference(name, x, weights_dir)
+        expected = reference_forward(get_spec(name), x, weights_dir)
         assert got["model"] == name and got["batch_size"] == expected.shape[0]
         assert got["device"] == "cpu" and got["dtype"] == "fp32"
         if queue != shared:
@@ -93,9 +84,13 @@ def test_client_script_outside_the_repo(pair: Pair, weights_dir: Path, tmp_path:
     )
     assert out.returncode == 0, out.stderr
     got = json.loads(out.stdout.strip().splitlines()[-1])
-    assert np.allclose(np.array(got["cnn"]), reference("cnn", x, weights_dir), atol=1e-5)
     assert np.allclose(
-        np.array(got["transformer"]), reference("transformer", tokens, weights_dir), atol=1e-5
+        np.array(got["cnn"]), reference_forward(get_spec("cnn"), x, weights_dir), atol=1e-5
+    )
+    assert np.allclose(
+        np.array(got["transformer"]),
+        reference_forward(get_spec("transformer"), tokens, weights_dir),
+        atol=1e-5,
     )
 
 
@@ -122,10 +117,10 @@ def test_torch_lives_only_in_the_pool_child(pair: Pair) -> None:
 
 
 def test_predict_helper_returns_the_output_array(pair: Pair, weights_dir: Path) -> None:
-    from tasks.client import predict
+    from tasks.client.results import predict
 
     a, _, _ = pair
     x = sample_inputs(get_spec("mlp"), 3, 11)
     got = predict("mlp", x, queue=a.own_queue, timeout=60)
     assert got.shape == (3, 10)
-    assert np.allclose(got, reference("mlp", x, weights_dir), atol=1e-5)
+    assert np.allclose(got, reference_forward(get_spec("mlp"), x, weights_dir), atol=1e-5)

@@ -33,9 +33,9 @@ from celery.security.serialization import SecureSerializer
 
 from routing.queues import dead_letter_queue, direct_queue
 from tasks import app
-from tasks.launcher import WorkerProcess
-from tasks.queues import remove_topology
-from tasks.signing import CERT_FILE, KEY_FILE, init
+from tasks.ops.launcher import WorkerProcess
+from tasks.wire.queues import remove_topology
+from tasks.wire.signing import CERT_FILE, KEY_FILE, init
 from tests.integration.conftest import queue_depth
 
 pytestmark = pytest.mark.integration
@@ -235,7 +235,7 @@ def test_unsigned_messages_are_refused(signed: Signed) -> None:
     # A stock Celery client without the key: this test process's own (unsigned) app.
     unsigned = app.send_task("tasks.diag.noop", queue=signed.queue).id
     as_json = _publish(signed.queue, json.dumps(body).encode(), "application/json", "utf-8")
-    # kombu trusts application/text whatever `accept` says; tasks.codec refuses it.
+    # kombu trusts application/text whatever `accept` says; tasks.wire.codec refuses it.
     as_text = _publish(signed.queue, json.dumps(body).encode(), "application/text", "utf-8")
     ids = [unsigned, as_json, as_text]
     assert _dead_letters(signed, len(ids)) == dict.fromkeys(ids, "rejected")

@@ -24,22 +24,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import redis
-import torch
 from celery.exceptions import BackendError
 from kombu import Connection, Queue, pools
 from kombu.exceptions import OperationalError
 from kombu.utils.collections import eqhash
 
-from models.loader import load_model
 from models.registry import get_spec
-from models.runner import forward
+from models.runner import reference_forward
 from routing.registry import store_for
 from tasks.app import InferenceApp
-from tasks.client import outputs
-from tasks.codec import encode
-from tasks.demo import sample_inputs
-from tasks.launcher import WorkerProcess
+from tasks.client.results import outputs
+from tasks.ops.demo import sample_inputs
+from tasks.ops.launcher import WorkerProcess
 from tasks.settings import Settings
+from tasks.wire.codec import encode
 from tests.integration.conftest import eventually
 from tests.integration.test_registry_store import record
 from tests.integration.tls_servers import (
@@ -135,7 +133,7 @@ def test_result_backend_and_registry_over_rediss(
         finally:
             backend.client.connection_pool.release(conn)
 
-        # The worker registry, built exactly as tasks/routes.py builds it.
+        # The worker registry, built exactly as tasks/client/routes.py builds it.
         store = store_for(settings.backend, settings.home, settings.registry_namespace)
         try:
             store.publish(record("tls@h"), ttl_s=30)
@@ -246,13 +244,6 @@ def close_client(app: InferenceApp) -> None:
     app.close()
 
 
-def reference(name: str, x: np.ndarray, weights_dir: Path) -> np.ndarray:
-    spec = get_spec(name)
-    model = load_model(spec, weights_dir, torch.device("cpu"), torch.float32)
-    batch = x.reshape((-1, *spec.sample_shape)).astype(spec.input_dtype)
-    return forward(model, batch, torch.device("cpu"), "fp32")[0]
-
-
 def test_worker_serves_over_amqps(
     rabbit_tls: RabbitTLS,
     certs: Certs,
@@ -281,7 +272,9 @@ def test_worker_serves_over_amqps(
             "tasks.infer", args=("mlp", encode(x, binary=True)), queue=queue
         ).get(timeout=30)
         assert got["worker"] == worker.hostname and got["batch_size"] == 3
-        assert np.allclose(outputs(got), reference("mlp", x, weights_dir), atol=1e-5)
+        assert np.allclose(
+            outputs(got), reference_forward(get_spec("mlp"), x, weights_dir), atol=1e-5
+        )
         with client.connection_for_write() as conn:
             conn.connect()
             assert (

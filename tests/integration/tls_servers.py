@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from tasks.launcher import free_port
+from tasks.ops.launcher import free_port
 
 __all__ = [
     "RABBITMQ_SBIN",

@@ -32,14 +32,15 @@ import pytest
 
 from routing.queues import dead_letter_queue, direct_queue
 from tasks.app import InferenceApp
-from tasks.launcher import WorkerProcess, free_port
-from tasks.queues import remove_topology
+from tasks.ops.launcher import WorkerProcess, free_port, worker_argv
 from tasks.settings import Settings
+from tasks.wire.queues import remove_topology
 from tests.reliability.ledger import Ledger
 
 pytestmark = [pytest.mark.reliability, pytest.mark.integration]
 
 FULL = os.environ.get("INFER_RELIABILITY") == "full"
+LEDGER = ["--include", "tests.reliability.ledger_hook"]
 
 
 @dataclass(frozen=True)
@@ -200,16 +201,18 @@ def fleet(
 
     def start(n: int = 2, preload: tuple[str, ...] = ("mlp",), **env: str) -> Fleet:
         queue = f"rel-{rel_id}-{scenario}"
+        names = [f"{scenario}{i}-{rel_id}" for i in range(n)]
         workers = [
             WorkerProcess(
-                f"{scenario}{i}-{rel_id}",
+                name,
                 "cpu",
                 logdir=tmp_path,
                 env={**worker_env, **env},
-                queues=[direct_queue(queue, f"{scenario}{i}-{rel_id}"), queue],
+                # The ledger's execution counter connects a signal in these workers only.
+                command=[*worker_argv(name, "cpu", [direct_queue(queue, name), queue]), *LEDGER],
                 preload=preload,
             )
-            for i in range(n)
+            for name in names
         ]
         for w in workers:
             w.start()

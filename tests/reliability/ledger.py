@@ -2,7 +2,7 @@
 
 Every task is sent with ``headers={"infer_ledger": <hash>}``, so each real
 start of its body increments ``<hash>[task id]`` on the result backend's Redis
-(:mod:`tasks.dedup`).  At the end the ledger reads every result with MGET and
+(:mod:`tests.reliability.ledger_hook`, loaded into the fleet's workers).  At the end the ledger reads every result with MGET and
 sorts each id into exactly one outcome:
 
 - ``succeeded``: SUCCESS stored;
@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tasks.dedup import LEDGER_HEADER
+from tests.reliability.ledger_hook import LEDGER_HEADER
 
 __all__ = ["Ledger", "LedgerReport", "sample"]
 
@@ -166,7 +166,7 @@ def sample(seed: int, model_features: int = 64) -> dict[str, Any]:
     """One MLP input as the wire envelope (msgpack bytes)."""
     import numpy as np
 
-    from tasks.codec import encode
+    from tasks.wire.codec import encode
 
     rng = np.random.default_rng(seed)
     return encode(rng.standard_normal((1, model_features)).astype(np.float32), binary=True)

@@ -15,7 +15,7 @@ import pika
 import pytest
 
 from routing.queues import dead_letter_queue
-from tasks.codec import encode
+from tasks.wire.codec import encode
 from tests.reliability.conftest import FleetFactory
 from tests.reliability.ledger import sample
 

@@ -10,7 +10,7 @@ import pytest
 
 from models.errors import TaskCrashed
 from routing.queues import dead_letter_queue
-from tasks.routes import wait_for_workers
+from tasks.client.routes import wait_for_workers
 from tests.reliability.conftest import FleetFactory, Scale
 from tests.reliability.ledger import sample
 
@@ -21,7 +21,7 @@ def test_kill_one_of_two_workers(fleet: FleetFactory, scale: Scale) -> None:
     """Scenario 2: kill -9 one of 2 workers mid-run; its work finishes on the other."""
     f = fleet(2)
     victim, survivor = f.workers
-    wait_for_workers({w.hostname for w in f.workers}, app_=f.app)
+    wait_for_workers(f.app.router, {w.hostname for w in f.workers})
     n = scale.tasks
     for i in range(n // 2):
         f.ledger.send("tasks.infer", ("mlp", sample(i)))  # routed: sticky direct queues

@@ -14,8 +14,8 @@ import pytest
 from celery import chord
 
 from tasks.app import InferenceApp
-from tasks.backend import ResilientRedisBackend
 from tasks.settings import Settings
+from tasks.wire.backend import ResilientRedisBackend
 from tests.reliability.conftest import FleetFactory, RedisServer, Scale
 from tests.reliability.ledger import sample
 
@@ -115,7 +115,7 @@ def test_backend_commands_wait_for_redis_to_return(own_redis: RedisServer) -> No
     """Scenario 6b: the chord join's own Redis commands wait out a restart instead of failing.
 
     Celery retries ``store_result`` by itself, but not the chord join in
-    ``on_chord_part_return``; without tasks.backend's reconnecting pool a
+    ``on_chord_part_return``; without tasks.wire.backend's reconnecting pool a
     Redis blip there became a ``ChordError`` (CI, scenario 6).
     """
     app = InferenceApp(

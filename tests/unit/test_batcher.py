@@ -7,7 +7,7 @@ from collections.abc import Hashable
 import numpy as np
 import pytest
 
-from tasks.batcher import BatchPolicy, DynamicBatcher
+from tasks.worker.batcher import BatchPolicy, DynamicBatcher
 
 
 class Clock:
@@ -48,7 +48,7 @@ def enqueue(batcher: DynamicBatcher, key: str, value: float) -> object:
     # Bypass the runner thread: put the sample in the pending table as submit() would.
     from concurrent.futures import Future
 
-    from tasks.batcher import Pending
+    from tasks.worker.batcher import Pending
 
     future: Future[object] = Future()
     batcher._pending.setdefault(key, []).append(

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from models.errors import MalformedPayload, NonNumericInput, PayloadTooLarge
-from tasks.codec import decode, display, encode, redact_bytes, to_array
+from tasks.wire.codec import decode, display, encode, redact_bytes, to_array
 
 LIMIT = 1 << 20
 

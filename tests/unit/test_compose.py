@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 import yaml
 
+from tasks.ops.launcher import worker_argv
 from tasks.settings import Settings
-from tasks.worker import worker_argv
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKERS = {
@@ -318,7 +318,7 @@ def test_dockerfile_builds_weights_with_the_pinned_constraints() -> None:
 
 def test_flower_runs_the_launcher_that_refuses_no_password(compose: dict[str, Any]) -> None:
     flower = compose["services"]["flower"]
-    assert flower["command"][:3] == ["python", "-m", "tasks.flower"]
+    assert flower["command"][:3] == ["python", "-m", "tasks.ops.flower"]
     assert flower["ports"] == ["127.0.0.1:5555:5555"]
     assert flower["environment"]["FLOWER_BASIC_AUTH"].startswith("${FLOWER_BASIC_AUTH:?")
     example = (ROOT / ".env.example").read_text()

@@ -11,8 +11,8 @@ import pytest
 from kombu import Connection
 
 from tasks.app import InferenceApp
-from tasks.embedded import Transport
 from tasks.settings import Settings
+from tasks.wire.embedded import Transport
 
 
 def channel(folder: Path) -> Any:
@@ -50,7 +50,7 @@ def test_a_consumer_polling_mid_write_finds_nothing_then_the_whole_message(
 def test_the_embedded_app_uses_it(tmp_path: Path) -> None:
     app = InferenceApp(Settings.from_env({"INFER_HOME": str(tmp_path)}))
     with app.connection_for_write() as conn:
-        assert conn.transport_cls == "tasks.embedded:Transport"
+        assert conn.transport_cls == "tasks.wire.embedded:Transport"
         assert isinstance(conn.transport, Transport)
     broker = InferenceApp(
         Settings.from_env(

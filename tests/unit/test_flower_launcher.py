@@ -1,11 +1,11 @@
-"""``python -m tasks.flower`` refuses to start Flower without a real password."""
+"""``python -m tasks.ops.flower`` refuses to start Flower without a real password."""
 
 from __future__ import annotations
 
 import pytest
 
 from models.errors import ConfigurationError
-from tasks.flower import check_basic_auth, flower_argv
+from tasks.ops.flower import check_basic_auth, flower_argv
 
 
 @pytest.mark.parametrize(

@@ -308,7 +308,7 @@ def test_celery_declares_every_queue_with_its_arguments() -> None:
 
 
 def test_delivery_count_header() -> None:
-    from tasks.poison import deliveries
+    from tasks.worker.poison import deliveries
 
     assert deliveries(None) == 0 and deliveries({}) == 0
     assert deliveries({"x-delivery-count": 5}) == 5

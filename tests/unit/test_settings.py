@@ -5,13 +5,14 @@ from pathlib import Path
 import pytest
 
 from models.errors import ConfigurationError, UnknownModel
+from tasks.app import celery_config
 from tasks.settings import Settings
 
 
 def test_defaults_are_embedded_and_safe(tmp_path: Path) -> None:
     s = Settings.from_env({"INFER_HOME": str(tmp_path)})
     assert s.embedded
-    conf = s.celery_config()
+    conf = celery_config(s)
     assert conf["broker_url"] == "filesystem://"
     assert conf["result_backend"] == f"file://{tmp_path / 'results'}"
     opts = conf["broker_transport_options"]
@@ -37,7 +38,7 @@ def test_rabbitmq_and_redis_from_standard_variables(tmp_path: Path) -> None:
             "INFER_RESULT_EXPIRES": "120",
         }
     )
-    conf = s.celery_config()
+    conf = celery_config(s)
     assert not s.embedded
     assert conf["broker_transport_options"] == {"confirm_publish": True}
     assert conf["task_serializer"] == conf["result_serializer"] == "json"
@@ -48,9 +49,15 @@ def test_rabbitmq_and_redis_from_standard_variables(tmp_path: Path) -> None:
 
 
 def test_reliability_settings_reach_celery() -> None:
-    conf = Settings.from_env(
-        {"CELERY_BROKER_URL": "amqp://h//", "INFER_PUBLISH_RETRIES": "3", "INFER_DEDUPLICATE": "no"}
-    ).celery_config()
+    conf = celery_config(
+        Settings.from_env(
+            {
+                "CELERY_BROKER_URL": "amqp://h//",
+                "INFER_PUBLISH_RETRIES": "3",
+                "INFER_DEDUPLICATE": "no",
+            }
+        )
+    )
     assert conf["task_acks_late"] and conf["task_reject_on_worker_lost"]
     assert conf["task_default_delivery_mode"] == "persistent"
     assert conf["task_publish_retry_policy"]["max_retries"] == 3
@@ -109,10 +116,10 @@ def test_broker_tls_options(tmp_path: Path) -> None:
         "certfile": str(cert),
         "keyfile": str(key),
     }
-    assert s.celery_config()["broker_use_ssl"] == want
+    assert celery_config(s)["broker_use_ssl"] == want
     assert InferenceApp(s).connection_for_write().ssl == want  # built, never connected
     plain = Settings.from_env({"CELERY_BROKER_URL": "amqp://h//"})
-    assert plain.celery_config()["broker_use_ssl"] is False
+    assert celery_config(plain)["broker_use_ssl"] is False
 
 
 @pytest.mark.parametrize(
@@ -137,7 +144,7 @@ def test_bad_tls_settings(tmp_path: Path, env: dict[str, str], fragment: str) ->
 
 
 def test_backend_reconnect_window_covers_the_setting() -> None:
-    from tasks.backend import reconnect_retry
+    from tasks.wire.backend import reconnect_retry
 
     for seconds in (0.5, 3.0, 10.0, 30.0):
         retry = reconnect_retry(seconds)

@@ -1,4 +1,4 @@
-"""Message signing (tasks.signing): settings checks, ``init``, and the app's wiring (no servers).
+"""Message signing (tasks.wire.signing): settings checks, ``init``, and the app's wiring (no servers).
 
 Enabling signing changes kombu's process-wide serializer registry, so the
 tests that enable it run in fresh interpreters; this process stays unsigned.
@@ -25,7 +25,7 @@ from kombu.serialization import registry
 from models.errors import ConfigurationError
 from tasks.app import InferenceApp
 from tasks.settings import Settings
-from tasks.signing import CERT_FILE, KEY_FILE, TRUSTED_DIR, check, init, main
+from tasks.wire.signing import CERT_FILE, KEY_FILE, TRUSTED_DIR, check, init, main
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -60,7 +60,7 @@ def test_settings_refuse_an_incomplete_folder(keys: Path, tmp_path: Path, remove
         Settings.from_env({"INFER_HOME": str(tmp_path), "INFER_SIGNING_DIR": str(directory)})
     message = str(e.value)
     assert f"INFER_SIGNING_DIR={directory} lacks" in message
-    assert f"python -m tasks.signing init {directory}" in message  # says how to create them
+    assert f"python -m tasks.wire.signing init {directory}" in message  # says how to create them
 
 
 def test_settings_refuse_a_missing_folder(tmp_path: Path) -> None:
@@ -200,4 +200,4 @@ def test_a_bad_folder_fails_at_first_use_not_at_import(tmp_path: Path) -> None:
     out = _run(code, env)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("refused: INFER_SIGNING_DIR=")
-    assert "python -m tasks.signing init" in out.stdout
+    assert "python -m tasks.wire.signing init" in out.stdout

@@ -1,4 +1,4 @@
-"""``python -m tasks.flower``: Flower for this deployment, never without a password.
+"""``python -m tasks.ops.flower``: Flower for this deployment, never without a password.
 
 Flower itself starts with no authentication when ``FLOWER_BASIC_AUTH`` is
 unset.  This launcher refuses to: it checks ``FLOWER_BASIC_AUTH`` (one or
@@ -59,7 +59,7 @@ def flower_argv(address: str = "127.0.0.1", port: int = 5555) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tasks.flower", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m tasks.ops.flower", description=__doc__)
     parser.add_argument("--address", default="127.0.0.1", help="listen address (127.0.0.1)")
     parser.add_argument("--port", type=int, default=5555, help="port (5555)")
     args = parser.parse_args(argv)

@@ -42,9 +42,12 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from models.registry import SPECS
+from tasks.wire.request import infer_call
+from tasks.worker.device import RuntimeView, device_memory
+from tasks.worker.running import running_tasks
 
 if TYPE_CHECKING:
-    from tasks.worker import WorkerRuntime
+    from tasks.app import InferenceApp
 
 __all__ = ["observe_eviction", "observe_forward", "observe_load", "serve"]
 
@@ -143,19 +146,17 @@ def _on_failure(
 ) -> None:
     if getattr(sender, "name", None) != INFER_TASK:
         return
-    model = (args or [None])[0] if args else (kwargs or {}).get("model")
+    model = infer_call(args, kwargs).model
     REQUESTS.labels(_model_label(model), type(exception).__name__).inc()
 
 
 class RuntimeCollector(Collector):
     """Gauges read from the worker's runtime at scrape time."""
 
-    def __init__(self, runtime: WorkerRuntime) -> None:
+    def __init__(self, runtime: RuntimeView) -> None:
         self.runtime = runtime
 
     def collect(self) -> Iterator[Any]:
-        from tasks.heartbeat import running_tasks
-
         cache = self.runtime.cache
         keys = cache.keys()
         yield GaugeMetricFamily("infer_models_loaded", "Models in this worker's cache", len(keys))
@@ -182,20 +183,13 @@ class RuntimeCollector(Collector):
         yield GaugeMetricFamily("infer_tasks_running", "Tasks running now", running_tasks())
 
     def _memory(self) -> dict[str, int]:
-        device = self.runtime.device
-        if device.type == "cuda":
-            import torch
+        memory = device_memory(self.runtime.device)
+        used = memory.used
+        if self.runtime.device.type != "cuda":
+            import psutil
 
-            free, total = torch.cuda.mem_get_info(device)
-            return {"used": total - free, "free": free, "total": total}
-        import psutil
-
-        host = psutil.virtual_memory()
-        return {
-            "used": psutil.Process().memory_info().rss,  # this worker process
-            "free": host.available,
-            "total": host.total,
-        }
+            used = psutil.Process().memory_info().rss  # this worker process, not the host
+        return {"used": used, "free": memory.free, "total": memory.total}
 
 
 class RouterCollector(Collector):
@@ -209,10 +203,11 @@ class RouterCollector(Collector):
         ("no_capable_worker", "errors"),
     )
 
-    def collect(self) -> Iterator[Any]:
-        from tasks import routes
+    def __init__(self, app: InferenceApp) -> None:
+        self.app = app
 
-        router = routes._router  # never build one just to report on it
+    def collect(self) -> Iterator[Any]:
+        router = self.app.built_router  # never build one just to report on it
         if router is None:
             return
         stats = router.stats
@@ -243,11 +238,16 @@ _served: tuple[str, int] | None = None
 _lock = threading.Lock()
 
 
-def serve(port: int, addr: str = "127.0.0.1", runtime: WorkerRuntime | None = None) -> bool:
+def serve(
+    port: int,
+    addr: str = "127.0.0.1",
+    runtime: RuntimeView | None = None,
+    app: InferenceApp | None = None,
+) -> bool:
     """Start the ``/metrics`` HTTP server in this process; False if off or the port is taken.
 
     Workers call it once the runtime exists.  A client application can call
-    ``tasks.metrics.serve(9809)`` to export its router's decisions too.
+    ``tasks.worker.metrics.serve(9809, app=app)`` to export its router's decisions too.
     """
     global _served
     if port == 0:
@@ -266,7 +266,8 @@ def serve(port: int, addr: str = "127.0.0.1", runtime: WorkerRuntime | None = No
                 e,
             )
             return False
-        REGISTRY.register(RouterCollector())
+        if app is not None:
+            REGISTRY.register(RouterCollector(app))
         if runtime is not None:
             REGISTRY.register(RuntimeCollector(runtime))
         _served = (addr, port)

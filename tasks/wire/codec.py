@@ -19,6 +19,7 @@ import numpy as np
 from models.errors import MalformedPayload, NonNumericInput, PayloadTooLarge
 
 __all__ = [
+    "NO_LIMIT",
     "WIRE_DTYPES",
     "decode",
     "display",
@@ -31,6 +32,8 @@ __all__ = [
 WIRE_DTYPES = frozenset(
     {"float16", "float32", "float64", "int8", "int16", "int32", "int64", "uint8"}
 )
+# The size limit for decoding what our own workers return: the input limit does not apply.
+NO_LIMIT = 1 << 62
 _KEYS = {"dtype", "shape", "data"}
 # A bytes literal in a repr, possibly cut short by a length limit.
 _BYTES_REPR = re.compile(r"""(?<![\w'"])(?:b'(?:[^'\\]|\\.)*(?:'|$)|b"(?:[^"\\]|\\.)*(?:"|$))""")

@@ -18,7 +18,7 @@ from celery.worker.request import Request
 
 from models.errors import TaskCrashed
 from routing.queues import dead_letter_queue
-from tasks.codec import redact_bytes
+from tasks.wire.codec import redact_bytes
 
 __all__ = ["PoisonAwareRequest", "deliveries"]
 

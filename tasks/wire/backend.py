@@ -26,7 +26,7 @@ short default (5 s, enough for a restart).
 
 Caveat: a command whose reply was lost after Redis ran it is sent again.  The
 writes we make are idempotent (SET of a result; celery's chord script skips a
-part it already counted), except the test-only execution ledger's HINCRBY.
+part it already counted), except the fault suite's execution ledger's HINCRBY (tests/reliability/ledger_hook.py).
 """
 
 from __future__ import annotations
@@ -40,9 +40,10 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
+from routing.registry import RegistryStore, store_for
 from tasks.settings import Settings
 
-__all__ = ["InferenceLoader", "ResilientRedisBackend", "reconnect_retry"]
+__all__ = ["InferenceLoader", "ResilientRedisBackend", "reconnect_retry", "registry_store"]
 
 _BASE_S = 0.05  # first waits 0.1, 0.2, 0.4 s, then every CAP
 _CAP_S = 0.5
@@ -75,6 +76,11 @@ class InferenceLoader(AppLoader):
     """Celery's app loader, with ``redis://``/``rediss://`` mapped to :class:`ResilientRedisBackend`."""
 
     override_backends = {
-        "redis": "tasks.backend:ResilientRedisBackend",
-        "rediss": "tasks.backend:ResilientRedisBackend",
+        "redis": "tasks.wire.backend:ResilientRedisBackend",
+        "rediss": "tasks.wire.backend:ResilientRedisBackend",
     }
+
+
+def registry_store(settings: Settings) -> RegistryStore:
+    """The capability registry on the result backend ``settings`` name (workers write, clients read)."""
+    return store_for(settings.backend, settings.home, settings.registry_namespace)

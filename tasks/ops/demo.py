@@ -26,12 +26,12 @@ from models.errors import InferenceError
 from models.registry import SPECS, ModelSpec
 from routing.queues import direct_queue
 from tasks.app import app
-from tasks.client import outputs
+from tasks.client.results import outputs
+from tasks.client.routes import wait_for_workers
 from tasks.diagnostics import noop
 from tasks.inference import infer
-from tasks.launcher import WorkerProcess, free_port
-from tasks.queues import remove_topology
-from tasks.routes import wait_for_workers
+from tasks.ops.launcher import WorkerProcess, free_port
+from tasks.wire.queues import remove_topology
 
 __all__ = ["main", "sample_inputs"]
 
@@ -43,16 +43,6 @@ def sample_inputs(spec: ModelSpec, batch: int, seed: int) -> np.ndarray:
     if spec.value_range is not None:
         return rng.integers(*spec.value_range, size=shape, dtype=np.int64)
     return rng.standard_normal(shape, dtype=np.float32)
-
-
-def _reference(spec: ModelSpec, batch: np.ndarray, weights: Path) -> np.ndarray:
-    import torch
-
-    from models.loader import load_model
-    from models.runner import forward
-
-    model = load_model(spec, weights, torch.device("cpu"), torch.float32)
-    return forward(model, batch, torch.device("cpu"), "fp32")[0]
 
 
 def _show_metrics(console: Console, workers: list[WorkerProcess], ports: list[int]) -> None:
@@ -108,7 +98,7 @@ def main() -> int:
             w.wait_ready()
         for w in workers:  # the pool child preloads models before its first task
             noop.apply_async(queue=w.own_queue).get(timeout=120, interval=0.01)
-        wait_for_workers({w.hostname for w in workers})
+        wait_for_workers(app.router, {w.hostname for w in workers})
         console.print(
             f"workers up and warm: {', '.join(w.hostname for w in workers)} (logs in {logdir})"
         )
@@ -144,9 +134,11 @@ def main() -> int:
             "match",
         ):
             table.add_column(col, justify="right" if col.endswith("ms") else "left")
+        from models.runner import reference_forward  # imports torch: only once results are in
+
         for (name, batch, queue, x, _, sent), (got, arrived) in zip(jobs, done, strict=True):
             ok = np.allclose(
-                outputs(got), _reference(SPECS[name], x, settings.weights_dir), atol=1e-5
+                outputs(got), reference_forward(SPECS[name], x, settings.weights_dir), atol=1e-5
             )
             failures += not ok
             t = got["timing"]

@@ -13,42 +13,20 @@ import contextlib
 import logging
 import threading
 import time
-from typing import TYPE_CHECKING, Any
-
-from celery.signals import task_postrun, task_prerun
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from routing.capabilities import WorkerCapabilities
 from routing.registry import RegistryStore
+from tasks.worker.device import RuntimeView, device_memory
+from tasks.worker.running import running_tasks
 
 if TYPE_CHECKING:
     from tasks.settings import Settings
-    from tasks.worker import WorkerRuntime
 
-__all__ = ["Heartbeat", "running_tasks"]
+__all__ = ["Heartbeat"]
 
 log = logging.getLogger(__name__)
-
-_running = 0
-_running_lock = threading.Lock()
-
-
-def running_tasks() -> int:
-    """Tasks running in this process right now."""
-    return _running
-
-
-@task_prerun.connect
-def _task_started(**_: Any) -> None:
-    global _running
-    with _running_lock:
-        _running += 1
-
-
-@task_postrun.connect
-def _task_done(**_: Any) -> None:
-    global _running
-    with _running_lock:
-        _running = max(0, _running - 1)
 
 
 class Heartbeat:
@@ -60,15 +38,15 @@ class Heartbeat:
         queue: str,
         fallback: str,
         settings: Settings,
-        runtime: WorkerRuntime,
+        runtime: RuntimeView,
         store: RegistryStore,
-        queue_depth: Any = None,
+        queue_depth: Callable[[], int] | None = None,
     ) -> None:
         self.node, self.queue, self.fallback = node, queue, fallback
         self.settings = settings
         self.runtime = runtime
         self.store = store
-        self._queue_depth = queue_depth  # callable -> int, or None
+        self._queue_depth = queue_depth
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -80,16 +58,13 @@ class Heartbeat:
 
         device = self.runtime.device
         used_mb = self.runtime.cache.used_bytes // (1024 * 1024)
+        memory = device_memory(device)
+        free, total = memory.free // (1024 * 1024), memory.total // (1024 * 1024)
+        name: str = "cpu"
+        capability: tuple[int, int] | None = None
         if device.type == "cuda":
-            free, total = (b // (1024 * 1024) for b in torch.cuda.mem_get_info(device))
             name = torch.cuda.get_device_name(device)
-            capability: tuple[int, int] | None = torch.cuda.get_device_capability(device)
-        else:
-            import psutil
-
-            memory = psutil.virtual_memory()
-            total, free = memory.total // (1024 * 1024), memory.available // (1024 * 1024)
-            name, capability = "cpu", None
+            capability = torch.cuda.get_device_capability(device)
         if self.settings.memory_mb:  # declared capacity (tests pose as different devices)
             total, free = self.settings.memory_mb, max(0, self.settings.memory_mb - used_mb)
         depth = 0
@@ -108,7 +83,7 @@ class Heartbeat:
             compute_capability=capability,
             dtypes=self.settings.dtypes or supported_dtypes(device),
             models_loaded=tuple(dict.fromkeys(m for m, _ in self.runtime.cache.keys())),  # noqa: SIM118
-            in_flight=_running + depth,
+            in_flight=running_tasks() + depth,
             max_in_flight=self.settings.max_in_flight,
             heartbeat=time.time(),
         )

@@ -8,7 +8,7 @@ certificate in its trust store.  The folder holds::
     signer.pem    this host's certificate (PEM), whose key signs its messages
     trusted/      the certificates whose signatures are accepted (PEM files)
 
-``python -m tasks.signing init DIR`` creates all three, with this host's
+``python -m tasks.wire.signing init DIR`` creates all three, with this host's
 certificate already in ``trusted/``, so one host works at once.  For several
 hosts, copy every host's ``signer.pem`` into every host's ``trusted/`` (a
 worker that starts a chord or an errback publishes signed messages too, and
@@ -111,7 +111,7 @@ def enable(app: InferenceApp) -> None:
     swallows: :func:`check` has already loaded every file when the
     configuration was built, where an error does stop the process.
     """
-    from tasks.codec import refuse_text_content
+    from tasks.wire.codec import refuse_text_content
 
     app.setup_security(
         allowed_serializers=ALLOWED_SERIALIZERS,
@@ -132,7 +132,7 @@ def check(directory: Path) -> None:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import rsa
 
-    redo = f"recreate them with `python -m tasks.signing init --force {directory}`"
+    redo = f"recreate them with `python -m tasks.wire.signing init --force {directory}`"
     try:
         key = serialization.load_pem_private_key((directory / KEY_FILE).read_bytes(), None)
         cert = x509.load_pem_x509_certificate((directory / CERT_FILE).read_bytes())
@@ -232,8 +232,8 @@ def init(directory: Path, cn: str, days: int = 3650, bits: int = 3072, force: bo
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m tasks.signing init DIR [--cn NAME]``: create a signing key and certificate."""
-    parser = argparse.ArgumentParser(prog="python -m tasks.signing", description=main.__doc__)
+    """``python -m tasks.wire.signing init DIR [--cn NAME]``: create a signing key and certificate."""
+    parser = argparse.ArgumentParser(prog="python -m tasks.wire.signing", description=main.__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     make = commands.add_parser("init", help="create DIR/signer.key, signer.pem and trusted/")
     make.add_argument("directory", type=Path, help="the folder INFER_SIGNING_DIR will name")

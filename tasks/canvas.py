@@ -32,9 +32,10 @@ from models.errors import ChunkFailed, RequestError
 from models.registry import get_spec
 from models.validation import check_input
 from tasks.app import app
-from tasks.client import outputs
-from tasks.codec import decode, encode, to_array
+from tasks.client.results import outputs
 from tasks.inference import infer
+from tasks.wire.codec import NO_LIMIT, decode, encode
+from tasks.wire.request import as_array
 
 __all__ = ["ManyResult", "gather", "infer_many"]
 
@@ -83,7 +84,7 @@ class ManyResult:
                         "succeeded (ManyResult.partial() has them): fix or drop that range and retry it"
                     ) from e
             raise
-        return decode(reply["outputs"], 1 << 62)
+        return decode(reply["outputs"], NO_LIMIT)
 
     def partial(self, timeout: float | None = 300.0) -> dict[tuple[int, int], np.ndarray]:
         """Outputs of the chunks that succeeded, by input index range (waits for all to finish)."""
@@ -102,9 +103,7 @@ def infer_many(
     if batch_size < 1:
         raise RequestError(f"batch_size must be >= 1, got {batch_size}")
     spec = get_spec(model)
-    array = to_array(inputs)
-    if array is None:
-        array = decode(inputs, 1 << 62)
+    array = as_array(inputs, NO_LIMIT)
     if array.ndim == len(spec.sample_shape):
         array = array[None]
     limit = app.infer_settings.max_payload_bytes

@@ -32,7 +32,7 @@ __all__ = ["route"]
 @click.pass_context
 def route(ctx: Any, model: str, dtype: str | None, wait: float | None, **requires: Any) -> None:
     """Print the capability router's decision ladder for one request."""
-    from tasks.routes import get_router, requirements_for
+    from tasks.client.routes import requirements_for
 
     app = ctx.obj.app
     try:
@@ -42,7 +42,7 @@ def route(ctx: Any, model: str, dtype: str | None, wait: float | None, **require
         req = base.merged(overrides) if overrides else base
     except InferenceError as e:
         raise click.UsageError(str(e)) from e
-    router = get_router(app)
+    router = app.router
     router.registry.refresh()
     if wait:
         import time

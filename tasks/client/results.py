@@ -10,17 +10,15 @@ from typing import Any
 
 import numpy as np
 
-from tasks.codec import decode
 from tasks.inference import infer
+from tasks.wire.codec import NO_LIMIT, decode
 
 __all__ = ["outputs", "predict"]
-
-_NO_LIMIT = 1 << 62  # results come from our own workers; the input limit does not apply
 
 
 def outputs(result: dict[str, Any]) -> np.ndarray:
     """The output array of an ``infer`` result dict."""
-    return decode(result["outputs"], _NO_LIMIT)
+    return decode(result["outputs"], NO_LIMIT)
 
 
 def predict(

@@ -1,0 +1,7 @@
+"""``python -m tasks.worker --name gpu0 --device cuda:0``: start one device-bound worker."""
+
+import sys
+
+from tasks.ops.launcher import worker_main
+
+sys.exit(worker_main())
