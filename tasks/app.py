@@ -66,12 +66,12 @@ class InferenceApp(Celery):
     def _config(self) -> dict[str, Any]:
         config = celery_config(self.infer_settings)
         config["task_routes"] = [self.route] if self.infer_settings.routing else []
-        if self.infer_settings.signing_dir is not None:
-            from tasks.wire import (
-                signing,  # loads the key and certificates: a bad file stops us here
-            )
+        signing_dir = self.infer_settings.signing_dir
+        if signing_dir is not None:
+            # Loads the key and certificates: a bad file stops us here.
+            from tasks.wire import signing
 
-            config.update(signing.celery_config(self.infer_settings))
+            config.update(signing.celery_config(signing_dir))
         return config
 
     def _enable_signing(self, **_: Any) -> None:
@@ -80,7 +80,7 @@ class InferenceApp(Celery):
         if self.infer_settings.signing_dir is not None:
             from tasks.wire import signing
 
-            signing.enable(self)
+            signing.enable(self, self.infer_settings.serializer)
 
     @property
     def infer_settings(self) -> Settings:

@@ -48,8 +48,7 @@ from typing import TYPE_CHECKING, Any
 from models.errors import ConfigurationError
 
 if TYPE_CHECKING:
-    from tasks.app import InferenceApp
-    from tasks.settings import Settings
+    from celery import Celery
 
 __all__ = [
     "CERT_FILE",
@@ -87,10 +86,8 @@ def missing_files(directory: Path) -> list[str]:
     return missing
 
 
-def celery_config(settings: Settings) -> dict[str, Any]:
+def celery_config(directory: Path) -> dict[str, Any]:
     """The configuration keys that switch signing on; checks the folder's key and certificates."""
-    directory = settings.signing_dir
-    assert directory is not None, "signing is off"
     check(directory)
     return {
         "task_serializer": "auth",
@@ -102,8 +99,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     }
 
 
-def enable(app: InferenceApp) -> None:
+def enable(app: Celery, serializer: str) -> None:
     """Register the ``auth`` serializer for ``app`` (after its configuration is read).
+
+    ``serializer`` (msgpack or json) encodes the body inside the signature.
 
     ``setup_security`` refuses to run unless the configuration already says
     ``task_serializer="auth"`` and ``accept_content=["auth"]``, so this runs in
@@ -116,12 +115,12 @@ def enable(app: InferenceApp) -> None:
     app.setup_security(
         allowed_serializers=ALLOWED_SERIALIZERS,
         digest=DIGEST,
-        serializer=app.infer_settings.serializer,
+        serializer=serializer,
     )
     # kombu trusts application/text whatever ``accept`` says and passes its
     # body on undecoded: an unsigned message the worker would take as a task.
     refuse_text_content()
-    log.debug("message signing on: %s", app.infer_settings.signing_dir)
+    log.debug("message signing on for %s (%s inside)", app.main, serializer)
 
 
 def check(directory: Path) -> None:
