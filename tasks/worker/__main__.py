@@ -2,6 +2,6 @@
 
 import sys
 
-from tasks.ops.launcher import worker_main
+from tasks.worker.command import worker_main
 
 sys.exit(worker_main())

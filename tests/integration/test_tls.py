@@ -31,12 +31,12 @@ from kombu.utils.collections import eqhash
 
 from models.registry import get_spec
 from models.runner import reference_forward
-from routing.registry import store_for
 from tasks.app import InferenceApp
 from tasks.client.results import outputs
 from tasks.ops.demo import sample_inputs
 from tasks.ops.launcher import WorkerProcess
 from tasks.settings import Settings
+from tasks.wire.backend import registry_store
 from tasks.wire.codec import encode
 from tests.integration.conftest import eventually
 from tests.integration.test_registry_store import record
@@ -134,7 +134,7 @@ def test_result_backend_and_registry_over_rediss(
             backend.client.connection_pool.release(conn)
 
         # The worker registry, built exactly as tasks/client/routes.py builds it.
-        store = store_for(settings.backend, settings.home, settings.registry_namespace)
+        store = registry_store(settings)
         try:
             store.publish(record("tls@h"), ttl_s=30)
             assert [w.name for w in store.load()] == ["tls@h"]
@@ -176,7 +176,7 @@ def test_rediss_verifies_the_server(
                 assert isinstance(chain[2], ssl.SSLCertVerificationError), chain
                 assert fragment in str(chain[2]), chain
 
-            store = store_for(settings.backend, settings.home, settings.registry_namespace)
+            store = registry_store(settings)
             try:
                 with pytest.raises(redis.exceptions.ConnectionError) as failed:
                     store.publish(record("tls@h"), ttl_s=30)

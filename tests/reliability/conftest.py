@@ -32,9 +32,10 @@ import pytest
 
 from routing.queues import dead_letter_queue, direct_queue
 from tasks.app import InferenceApp
-from tasks.ops.launcher import WorkerProcess, free_port, worker_argv
+from tasks.ops.launcher import WorkerProcess, free_port
 from tasks.settings import Settings
 from tasks.wire.queues import remove_topology
+from tasks.worker.command import worker_argv
 from tests.reliability.ledger import Ledger
 
 pytestmark = [pytest.mark.reliability, pytest.mark.integration]

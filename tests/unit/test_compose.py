@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 import yaml
 
-from tasks.ops.launcher import worker_argv
 from tasks.settings import Settings
+from tasks.worker.command import worker_argv
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKERS = {

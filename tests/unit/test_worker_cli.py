@@ -3,7 +3,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from tasks.ops.launcher import worker_argv
+from tasks.worker.command import worker_argv
 
 
 def test_gpu_worker_consumes_own_and_class_queue_with_one_prefork_child() -> None:
