@@ -83,11 +83,16 @@ class AppRoute:
 
     @property
     def router(self) -> CapabilityRouter:
-        """The router, built on first use."""
+        """The router, built on first use; assign one to route with it instead."""
         with self._lock:
             if self._router is None:
                 self._router = build_router(self._settings())
             return self._router
+
+    @router.setter
+    def router(self, router: CapabilityRouter) -> None:
+        with self._lock:
+            self._router = router
 
     @property
     def built(self) -> CapabilityRouter | None:

@@ -89,14 +89,14 @@ def test_worker_exports_request_batch_model_and_memory_metrics(
 
 
 def test_a_client_exports_its_router_decisions(pair: Pair) -> None:
-    from tasks import metrics
     from tasks.client.routes import wait_for_workers
+    from tasks.worker import metrics
 
     a, b, _ = pair
     wait_for_workers(app.router, {a.hostname, b.hostname})
     router = app.router
     port = free_port()
-    assert metrics.serve(port)  # what a client application calls to export its router
+    assert metrics.serve(port, app=app)  # what a client application calls to export its router
     before = scrape(port)
     for seed in range(6):
         infer.apply_async(("cnn", sample_inputs(get_spec("cnn"), 1, seed))).get(timeout=60)

@@ -21,10 +21,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import tasks.client.routes
 from models.errors import NoCapableWorker
 from models.registry import get_spec
 from routing.queues import direct_queue
+from routing.router import CapabilityRouter
 from tasks import app, infer
 from tasks.client.routes import build_router, wait_for_workers
 from tasks.ops.demo import sample_inputs
@@ -83,12 +83,10 @@ def fleet(
 
 
 @pytest.fixture
-def router(
-    fleet: Fleet, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[tasks.client.routes.CapabilityRouter]:
+def router(fleet: Fleet, monkeypatch: pytest.MonkeyPatch) -> Iterator[CapabilityRouter]:
     """The real router, reading this fleet's registry namespace."""
     r = build_router(replace(app.infer_settings, registry_namespace=fleet.namespace))
-    monkeypatch.setattr(tasks.client.routes, "_router", r)
+    monkeypatch.setattr(app.route, "router", r)  # the app routes with this one meanwhile
     wait_for_workers(app.router, {w.hostname for w in fleet.workers.values() if w.alive()})
     yield r
     r.registry.close()
@@ -110,7 +108,7 @@ def test_requests_land_only_on_capable_workers(fleet: Fleet, router: object) -> 
 
 
 def test_a_models_requests_stick_to_the_worker_holding_it(
-    fleet: Fleet, router: tasks.client.routes.CapabilityRouter
+    fleet: Fleet, router: CapabilityRouter
 ) -> None:
     results = [infer.apply_async(("transformer", x("transformer", i))) for i in range(20)]
     workers = Counter(r.get(timeout=60)["worker"] for r in results)
@@ -158,7 +156,7 @@ def test_inspect_capabilities_shows_each_record(fleet: Fleet, router: object) ->
 
 
 def test_killed_workers_traffic_moves_with_nothing_lost(
-    fleet: Fleet, router: tasks.client.routes.CapabilityRouter
+    fleet: Fleet, router: CapabilityRouter
 ) -> None:
     # cnn sticks to "bf16" (it holds cnn); kill it with requests queued and in flight.
     first = [infer.apply_async(("cnn", x("cnn", i))) for i in range(10)]

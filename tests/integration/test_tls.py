@@ -31,7 +31,7 @@ from kombu.utils.collections import eqhash
 
 from models.registry import get_spec
 from models.runner import reference_forward
-from tasks.app import InferenceApp
+from tasks.app import InferenceApp, broker_use_ssl
 from tasks.client.results import outputs
 from tasks.ops.demo import sample_inputs
 from tasks.ops.launcher import WorkerProcess
@@ -323,7 +323,7 @@ def test_amqps_refuses_at_connect(
         "untrusted-client-certificate": broker_env(rabbit_tls, certs, client=certs.rogue_client),
     }[case]
     good = broker_env(rabbit_tls, certs)
-    good_ssl = Settings.from_env(good).broker_use_ssl()
+    good_ssl = broker_use_ssl(Settings.from_env(good))
     probe = f"tls-probe-{uuid.uuid4().hex[:6]}"
     with Connection(good["CELERY_BROKER_URL"], ssl=good_ssl) as conn:
         Queue(probe, durable=False)(conn.default_channel).declare()
