@@ -1,12 +1,13 @@
 from __future__ import annotations
 
+from dataclasses import FrozenInstanceError, replace
 from pathlib import Path
 
 import pytest
 
 from models.errors import ConfigurationError, UnknownModel
 from tasks.app import celery_config
-from tasks.settings import Settings
+from tasks.settings import Settings, declared
 
 
 def test_defaults_are_embedded_and_safe(tmp_path: Path) -> None:
@@ -45,7 +46,7 @@ def test_rabbitmq_and_redis_from_standard_variables(tmp_path: Path) -> None:
     assert conf["task_time_limit"] == 60 and conf["task_soft_time_limit"] == 50
     assert conf["result_expires"] == 120
     assert s.preload == ("mlp", "cnn")
-    assert "secret" not in s.describe() and "user:***@" in s.describe()
+    assert "secret" not in s.describe() and "user:**@" in s.describe()  # kombu's mask
 
 
 def test_reliability_settings_reach_celery() -> None:
@@ -153,3 +154,129 @@ def test_backend_reconnect_window_covers_the_setting() -> None:
     assert Settings.from_env({"INFER_BACKEND_RECONNECT_S": "3"}).backend_reconnect_s == 3.0
     with pytest.raises(ConfigurationError, match="INFER_BACKEND_RECONNECT_S"):
         Settings.from_env({"INFER_BACKEND_RECONNECT_S": "0"})
+
+
+# ------------------------------------------------------------------ declared once
+
+
+def test_backend_password_is_masked_too() -> None:
+    s = Settings.from_env(
+        {"CELERY_BROKER_URL": "amqp://h//", "CELERY_RESULT_BACKEND": "redis://:pw@redis:6379/0"}
+    )
+    assert "pw" not in s.describe() and "redis://:**@redis:6379/0" in s.describe()
+
+
+_NUMBERS = [(spec.env, kind, spec.at_least) for _, spec, kind in declared() if kind in (int, float)]
+
+
+@pytest.mark.parametrize(("env", "kind", "at_least"), _NUMBERS, ids=[e for e, _, _ in _NUMBERS])
+def test_every_bound_is_checked_and_names_the_variable(env: str, kind: type, at_least: int) -> None:
+    if kind is int:
+        below, message = str(at_least - 1), f"{env}={at_least - 1} must be at least {at_least}"
+    else:
+        below, message = "0", f"{env}=0.0 must be positive"
+    with pytest.raises(ConfigurationError) as raised:
+        Settings.from_env({env: below})
+    assert str(raised.value) == message
+    with pytest.raises(ConfigurationError) as raised:
+        Settings.from_env({env: "x"})
+    what = "an integer" if kind is int else "a number"
+    assert str(raised.value) == f"{env}='x' is not {what}"
+
+
+def test_bounds_hold_for_keyword_construction_and_replace() -> None:
+    with pytest.raises(ConfigurationError, match="INFER_MAX_BATCH_SIZE=0 must be at least 1"):
+        Settings(max_batch_size=0)
+    s = Settings(memory_mb=0, metrics_port=0, broker_heartbeat=0, publish_retries=0)
+    with pytest.raises(ConfigurationError, match="INFER_HEARTBEAT_S=0 must be positive"):
+        replace(s, heartbeat_s=0)
+    assert replace(s, registry_namespace="blue").registry_namespace == "blue"
+
+
+@pytest.mark.parametrize(
+    ("word", "value"),
+    [(w, True) for w in ("1", "true", "yes", "on", "TRUE", "On")]
+    + [(w, False) for w in ("0", "false", "no", "off", "False", "NO")],
+)
+def test_boolean_words(word: str, value: bool) -> None:
+    assert Settings.from_env({"INFER_BATCHING": word}).batching is value
+    assert Settings.from_env({"INFER_DEDUPLICATE": word}).deduplicate is value
+
+
+@pytest.mark.parametrize("word", ["maybe", "y", "t", "enabled", "2"])
+def test_unknown_boolean_word_says_what_to_write(word: str) -> None:
+    with pytest.raises(ConfigurationError) as raised:
+        Settings.from_env({"INFER_ROUTING": word})
+    assert str(raised.value) == (
+        f"INFER_ROUTING={word!r} is not a boolean: write true or false (or 1/0, yes/no, on/off)"
+    )
+
+
+def test_empty_values_mean_the_default(tmp_path: Path) -> None:
+    empty = {spec.env: "" for _, spec, _ in declared()}
+    assert Settings.from_env({**empty, "INFER_HOME": str(tmp_path)}) == Settings(home=tmp_path)
+
+
+def test_every_setting_is_read_from_its_variable(tmp_path: Path) -> None:
+    """A non-default value for each variable lands in its field, parsed to the declared type."""
+    for name in ("ca.pem", "cert.pem", "key.pem", "signing"):
+        (tmp_path / name).write_text("x")
+    env = {
+        "CELERY_BROKER_URL": "amqps://u:p@rabbit:5671/v",
+        "CELERY_RESULT_BACKEND": "redis://r:6379/1",
+        "INFER_HOME": str(tmp_path / "home"),
+        "INFER_WEIGHTS_DIR": "relative/weights",
+        "INFER_SERIALIZER": "json",
+        "INFER_DEVICE": "cpu",
+        "INFER_PRELOAD": " mlp ,, cnn ",
+        "INFER_DTYPES": "fp32,bf16",
+        "INFER_REGISTRY_NAMESPACE": "blue",
+        "INFER_METRICS_ADDR": "0.0.0.0",
+        "INFER_QUEUE_TYPE": "classic",
+        "INFER_BROKER_TLS_CA": str(tmp_path / "ca.pem"),
+        "INFER_BROKER_TLS_CERT": str(tmp_path / "cert.pem"),
+        "INFER_BROKER_TLS_KEY": str(tmp_path / "key.pem"),
+    }
+    expected: dict[str, object] = {
+        "broker_url": env["CELERY_BROKER_URL"],
+        "result_backend": env["CELERY_RESULT_BACKEND"],
+        "home": tmp_path / "home",
+        "weights_dir": Path("relative/weights").resolve(),
+        "serializer": "json",
+        "device": "cpu",
+        "preload": ("mlp", "cnn"),
+        "dtypes": ("fp32", "bf16"),
+        "registry_namespace": "blue",
+        "metrics_addr": "0.0.0.0",
+        "queue_type": "classic",
+        "broker_tls_ca": tmp_path / "ca.pem",
+        "broker_tls_cert": tmp_path / "cert.pem",
+        "broker_tls_key": tmp_path / "key.pem",
+        "signing_dir": None,  # checked in test_signing.py: it needs a real key store
+    }
+    for f, spec, kind in declared():  # every number and boolean: a value that is not its default
+        if kind is bool:
+            expected[f.name] = not f.default
+            env[spec.env] = "no" if f.default else "yes"
+        elif kind in (int, float):
+            other = expected[f.name] = getattr(Settings, f.name) * 2 + 1
+            env[spec.env] = str(other)
+    assert {f.name for f, _, _ in declared()} == set(expected)
+    s = Settings.from_env(env)
+    for f, spec, _ in declared():
+        value = getattr(s, f.name)
+        assert value == expected[f.name] and type(value) is type(expected[f.name]), spec.env
+
+
+def test_settings_are_frozen_with_class_attribute_defaults() -> None:
+    s = Settings()
+    with pytest.raises(FrozenInstanceError):
+        s.max_batch_size = 64  # type: ignore[misc]
+    assert Settings.backend_reconnect_s == 5.0 and Settings.max_payload_bytes == 8 * 1024 * 1024
+    assert s.home == Path("var").resolve() and s.weights_dir == s.home / "weights"
+
+
+def test_direct_construction_never_reads_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("INFER_MAX_BATCH_SIZE", "7")
+    assert Settings().max_batch_size == 32
+    assert Settings.from_env().max_batch_size == 7
