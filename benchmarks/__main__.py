@@ -1,9 +1,16 @@
 """``python -m benchmarks``: every lane side by side in one run, as JSON, a table and plots.
 
-Lanes: amqp_floor (raw pika round trip), celery_baseline / celery_default /
-celery_tuned (vanilla Celery), deployment_noop and deployment_infer (ours),
-in_process (the CNN forward pass, batch 1 and 64).  All on the broker and
-backend the environment configures, interleaved over several rounds.
+Lanes (one file each under benchmarks/lanes/, the plan in benchmarks/run.py):
+amqp_floor (raw pika round trip), celery_baseline / celery_default /
+celery_tuned (vanilla Celery), deployment_noop, deployment_infer,
+deployment_infer_batched and deployment_infer_chunked (ours), celery_batches
+and dramatiq (optional peers), router (its decisions, in process), in_process
+(the CNN forward pass, batch 1 and 64).  All on the broker and backend the
+environment configures, interleaved over several rounds.
+
+``python -m benchmarks burst`` runs the 10,000-task burst (lane ``burst``,
+merged into the results file); ``python -m benchmarks compare BEFORE AFTER``
+sets two results files side by side.
 """
 
 from __future__ import annotations
@@ -14,7 +21,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from benchmarks.lanes import RoundConfig
+from benchmarks.lanes.base import RoundConfig
 from benchmarks.plots import write_plots
 from benchmarks.report import print_table
 from benchmarks.run import Plan, run
@@ -23,9 +30,13 @@ from benchmarks.run import Plan, run
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["burst"]:  # python -m benchmarks burst: the 10,000-task burst (make chaos)
-        from benchmarks.burst import main as burst
+        from benchmarks.lanes.burst import main as burst
 
         return burst(argv[1:])
+    if argv[:1] == ["compare"]:  # python -m benchmarks compare BEFORE.json AFTER.json
+        from benchmarks.compare import main as compare
+
+        return compare(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     parser.add_argument(
         "--quick", action="store_true", help="3 short rounds (under 3 minutes on 2 cores)"

@@ -11,18 +11,25 @@ can take the span over all producers on this host).
 
 Written here rather than with a load tool (locust and the like) because the
 load must be real ``apply_async`` calls through the deployment's own app.
+
+The parent side is :class:`Saturation`: a lane that has one runs it after each
+round's window phase when the plan asks for producers (``saturated_req_s``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import time
 from collections import deque
+from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["main", "request_input"]
+__all__ = ["SATURATION_IN_FLIGHT", "Saturation", "main", "request_input"]
+
+SATURATION_IN_FLIGHT = 64  # requests in flight in all, over every producer (a full batch)
 
 
 def request_input(model: str) -> Any:
@@ -43,6 +50,64 @@ def _submit_fn(task: str, model: str, queue: str) -> Any:
         return lambda: noop.apply_async(queue=queue)
     x = request_input(model)
     return lambda: infer.apply_async((model, x), queue=queue)
+
+
+@dataclass(frozen=True)
+class Saturation:
+    """The saturation phase of one lane: ``task`` on ``model`` sent to one worker's own ``queue``."""
+
+    task: str  # "infer" or "noop"
+    model: str
+    queue: str
+    window: int = SATURATION_IN_FLIGHT
+
+    def run(self, producers: int, requests: int) -> float:
+        """Requests/s of ``producers`` processes sending ``requests`` in all, ``window`` in flight."""
+        each_window = max(1, self.window // producers)
+        each = max(each_window, requests // producers)
+        argv = [sys.executable, "-m", "benchmarks.producers", "--task", self.task]
+        argv += ["--model", self.model, "--queue", self.queue]
+        argv += ["--requests", str(each), "--window", str(each_window)]
+        procs = [
+            subprocess.Popen(
+                argv,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for _ in range(producers)
+        ]
+        try:
+            for p in procs:
+                _expect(p, "READY")
+            for p in procs:  # all warm: start them together
+                assert p.stdin is not None
+                p.stdin.write("GO\n")
+                p.stdin.flush()
+            reports = [json.loads(_expect(p, "{")) for p in procs]
+            for p in procs:
+                p.wait(timeout=60)
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+        errors = sum(r["errors"] for r in reports)
+        if errors:
+            raise RuntimeError(f"saturation phase: {errors} of {each * producers} requests failed")
+        span = max(r["ended"] for r in reports) - min(r["started"] for r in reports)
+        return float(sum(r["sent"] for r in reports) / span)
+
+
+def _expect(proc: subprocess.Popen[str], prefix: str) -> str:
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if not line.startswith(prefix):
+        proc.kill()
+        _, err = proc.communicate(timeout=30)
+        raise RuntimeError(f"producer said {line!r}, expected {prefix!r}: {err[-2000:]}")
+    return line
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,39 +6,72 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.report import BEGIN, END, render, rows, splice
-from benchmarks.run import ratios
+from benchmarks.ratios import ratios
+from benchmarks.report import END, begin, blocks, main, render, rows, splice, stale
 from benchmarks.stats import cdf, median_of_rounds, percentiles, ratio
 
 ROOT = Path(__file__).resolve().parents[2]
-RESULTS = ROOT / "benchmarks" / "results"
+DOC = ROOT / "docs" / "benchmarks.md"
 
 
-def _committed() -> tuple[str, dict[str, object]]:
-    marker = (ROOT / "README.md").read_text().split("Source: `", 1)[1].split("`", 1)[0]
-    return marker, json.loads((ROOT / marker).read_text())
+def test_every_results_block_in_the_docs_is_generated_from_its_json() -> None:
+    doc = DOC.read_text()
+    sources = blocks(doc)
+    assert {
+        "benchmarks/results/cpu-2026-11-26.json",  # the CPU run
+        "benchmarks/results/gpu-h100-2026-11-27.json",  # the GPU run
+    } <= set(sources)
+    for source, text in sources.items():
+        assert text == render(json.loads((ROOT / source).read_text()), source), source
+    assert stale(doc, ROOT) == []
+    # Every results table on the page is inside a generated block.
+    assert doc.count("| lane | p50 ms |") == len(sources)
 
 
-def test_readme_results_block_is_generated_from_the_committed_json() -> None:
-    source, result = _committed()
-    assert source.startswith("benchmarks/results/")
+def test_a_drifted_block_is_caught() -> None:
+    doc = DOC.read_text()
+    source = "benchmarks/results/cpu-2026-11-26.json"
+    drifted = doc.replace(blocks(doc)[source], blocks(doc)[source].replace("0.996", "0.950", 1))
+    assert drifted != doc
+    assert stale(drifted, ROOT) == [source]
+
+
+def test_the_readme_headline_ratios_come_from_the_json() -> None:
     readme = (ROOT / "README.md").read_text()
-    assert f"{BEGIN}\n{render(result, source)}\n{END}" in readme
+    header = re.search(r"^\| ratio((?: \| [\w.-]+)+) \|$", readme, re.M)
+    assert header is not None, "README has no headline ratio table"
+    runs = header[1].split(" | ")[1:]
+    figures = {
+        run: json.loads((ROOT / f"benchmarks/results/{run}.json").read_text())["ratios"]
+        for run in runs
+    }
+    table = readme[header.end() :].strip("\n").split("\n\n", 1)[0].splitlines()[1:]
+    assert len(table) >= 2
+    for line in table:
+        key, *shown = (cell.strip() for cell in line.strip("|").split("|"))
+        key = key.strip("`")
+        assert shown == [format(figures[run][key], ".3f") for run in runs], key
 
 
-def test_every_results_table_in_the_readme_is_generated_from_its_json() -> None:
-    readme = (ROOT / "README.md").read_text()
-    sources = re.findall(r"Source: `(benchmarks/results/[^`]+\.json)`", readme)
-    assert len(sources) >= 2  # the CPU run and the GPU run
-    for source in sources:
-        assert render(json.loads((ROOT / source).read_text()), source) in readme, source
+def test_splice_replaces_only_the_block_of_its_source() -> None:
+    a, b = begin("a.json"), begin("b.json")
+    text = f"x\n{a}\nold a\n{END}\ny\n{b}\nold b\n{END}\n"
+    assert splice(text, "new", "b.json") == f"x\n{a}\nold a\n{END}\ny\n{b}\nnew\n{END}\n"
+    assert blocks(text) == {"a.json": "old a", "b.json": "old b"}
+    with pytest.raises(ValueError, match=r"c\.json"):
+        splice(text, "x", "c.json")
 
 
-def test_splice_replaces_only_the_block() -> None:
-    text = f"a\n{BEGIN}\nold\n{END}\nb"
-    assert splice(text, "new") == f"a\n{BEGIN}\nnew\n{END}\nb"
-    with pytest.raises(ValueError, match="markers"):
-        splice("no markers", "x")
+def test_doc_option_rewrites_the_block(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    source = "benchmarks/results/cpu-2026-11-26.json"
+    doc = tmp_path / "page.md"
+    doc.write_text(f"# Results\n\n{begin(source)}\nstale\n{END}\n\nafter\n")
+    monkeypatch.chdir(ROOT)
+    assert main([source, "--doc", str(doc)]) == 0
+    assert blocks(doc.read_text()) == {
+        source: render(json.loads((ROOT / source).read_text()), source)
+    }
+    assert doc.read_text().endswith(f"{END}\n\nafter\n")
 
 
 def test_percentiles_on_known_input() -> None:

@@ -1,0 +1,71 @@
+"""The figures that count: ratios between the lanes of one run.
+
+Each key keeps its name from the issue that added it (the results file
+contract in DESIGN.md); a ratio whose lanes did not run is None.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from benchmarks.stats import ratio
+
+__all__ = ["ratios"]
+
+
+def ratios(lanes: dict[str, Any]) -> dict[str, float | None]:
+    """The ratios of a results file, from its ``lanes``."""
+
+    def p50(name: str) -> float | None:
+        return lanes.get(name, {}).get("rtt_ms", {}).get("p50")
+
+    def p95(name: str) -> float | None:
+        return lanes.get(name, {}).get("rtt_ms", {}).get("p95")
+
+    def tput(name: str) -> float | None:
+        return lanes.get(name, {}).get("throughput_per_s")
+
+    batched = lanes.get("deployment_infer_batched", {})
+    in_process = lanes.get("in_process", {}).get("by_batch", {})
+    infer_rate = lanes.get("deployment_infer", {}).get("samples_per_s")
+    floor = p50("amqp_floor")
+    noop_p50 = p50("deployment_noop")
+    infer_p50 = p50("deployment_infer")
+    return {
+        "deployment_noop_vs_celery_baseline_p50": ratio(noop_p50, p50("celery_baseline")),
+        "deployment_noop_vs_amqp_floor_p50": ratio(noop_p50, floor),
+        "celery_baseline_vs_amqp_floor_p50": ratio(p50("celery_baseline"), floor),
+        "celery_default_vs_baseline_p50": ratio(p50("celery_default"), p50("celery_baseline")),
+        "celery_tuned_vs_baseline_p50": ratio(p50("celery_tuned"), p50("celery_baseline")),
+        "dramatiq_vs_celery_baseline_p50": ratio(p50("dramatiq"), p50("celery_baseline")),
+        "broker_overhead_ms_noop": round(noop_p50 - floor, 3) if noop_p50 and floor else None,
+        "broker_overhead_ms_infer": round(infer_p50 - floor, 3) if infer_p50 and floor else None,
+        "router_decision_p99_us": lanes.get("router", {}).get("decision_us_p99"),
+        "router_sticky_hit_rate": lanes.get("router", {}).get("sticky_hit_rate"),
+        "batched_vs_infer_samples": ratio(batched.get("samples_per_s"), infer_rate),
+        "batched_vs_celery_batches_samples": ratio(
+            batched.get("samples_per_s"), lanes.get("celery_batches", {}).get("samples_per_s")
+        ),
+        # Saturation phase (--producers): the workers' capacity, several clients at once.
+        "batched_vs_infer_saturated_req_s": ratio(
+            batched.get("saturated_req_s"), lanes.get("deployment_infer", {}).get("saturated_req_s")
+        ),
+        "batched_vs_noop_saturated_req_s": ratio(
+            batched.get("saturated_req_s"), lanes.get("deployment_noop", {}).get("saturated_req_s")
+        ),
+        "batched_vs_infer_p95": ratio(
+            batched.get("rtt_ms", {}).get("p95"), p95("deployment_infer")
+        ),
+        "batched_req_s_vs_celery_baseline_noop": ratio(
+            batched.get("throughput_per_s"), tput("celery_baseline")
+        ),
+        "batched_req_s_vs_celery_tuned_noop": ratio(
+            batched.get("throughput_per_s"), tput("celery_tuned")
+        ),
+        "batched_req_s_vs_dramatiq_noop": ratio(batched.get("throughput_per_s"), tput("dramatiq")),
+        "chunked_vs_in_process_batch64_samples": ratio(
+            lanes.get("deployment_infer_chunked", {}).get("samples_per_s"), in_process.get("64")
+        ),
+        "deployment_infer_vs_in_process_batch1_samples": ratio(infer_rate, in_process.get("1")),
+        "deployment_infer_vs_in_process_batch64_samples": ratio(infer_rate, in_process.get("64")),
+    }
