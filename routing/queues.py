@@ -88,7 +88,7 @@ def queue_arguments(
     arguments: dict[str, object] = {}
     if fallback is not None:
         arguments.update(dead_letter_arguments(fallback, direct_ttl_ms))
-    if queue_type == "classic":  # no delivery limit: documented in the README
+    if queue_type == "classic":  # no delivery limit: documented in docs/guarantees.md
         return arguments
     if fallback is None:
         arguments["x-dead-letter-exchange"] = ""

@@ -46,7 +46,7 @@ class InferenceApp(Celery):
     """A Celery app whose configuration comes from one :class:`Settings` object."""
 
     def __init__(self, settings: Settings | None = None, **kwargs: Any) -> None:
-        kwargs.setdefault("amqp", "tasks.wire.queues:InferenceAMQP")
+        kwargs.setdefault("amqp", "tasks.wire.topology:InferenceAMQP")
         # Every task skips a duplicate delivery whose SUCCESS is stored (tasks.worker.dedup).
         kwargs.setdefault("task_cls", "tasks.worker.dedup:IdempotentTask")
         # redis:// results through tasks.wire.backend.ResilientRedisBackend (rides out a Redis restart).

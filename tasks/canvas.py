@@ -13,7 +13,7 @@ chunk's index range and the cause.  The other chunks still ran:
 :meth:`ManyResult.partial` returns their outputs by index range, so a caller
 can retry just the failed range.
 
-Stock Celery does the same without this helper (see the README)::
+Stock Celery does the same without this helper (see docs/batching.md)::
 
     from celery import chord
     sigs = [infer.s("cnn", images[i:i + 64]) for i in range(0, len(images), 64)]

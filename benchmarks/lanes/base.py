@@ -30,7 +30,7 @@ from memory_profiler import memory_usage
 from tasks import app
 from tasks.ops.launcher import WorkerProcess
 from tasks.settings import Settings
-from tasks.wire.queues import remove_topology
+from tasks.wire.topology import remove_topology
 
 __all__ = [
     "Lane",

@@ -31,7 +31,7 @@ from tasks.client.routes import wait_for_workers
 from tasks.diagnostics import noop
 from tasks.inference import infer
 from tasks.ops.launcher import WorkerProcess, free_port
-from tasks.wire.queues import remove_topology
+from tasks.wire.topology import remove_topology
 
 __all__ = ["main", "sample_inputs"]
 

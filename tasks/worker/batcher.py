@@ -16,7 +16,7 @@ a crash mid-batch means every unfinished request is redelivered.
 
 Written here rather than taken from celery-batches: that library pins
 celery < 5.7 and replaces the task's signature with a list of requests; see
-the README for the comparison.
+docs/batching.md for the comparison.
 """
 
 from __future__ import annotations

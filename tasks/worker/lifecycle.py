@@ -108,7 +108,7 @@ def _preload_in_main(sender: Any = None, **_: Any) -> None:
 
 
 def _declare(queues: list[str]) -> None:
-    from tasks.wire.queues import declare_topology
+    from tasks.wire.topology import declare_topology
 
     try:
         declared = declare_topology(app, queues)

@@ -21,7 +21,7 @@ import pytest
 from routing.queues import direct_queue
 from tasks import app
 from tasks.ops.launcher import WorkerProcess
-from tasks.wire.queues import remove_topology
+from tasks.wire.topology import remove_topology
 
 pytestmark = pytest.mark.integration
 

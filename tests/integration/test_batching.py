@@ -17,7 +17,7 @@ from routing.queues import direct_queue
 from tasks import app, infer, infer_many
 from tasks.canvas import ManyResult, gather
 from tasks.ops.launcher import WorkerProcess
-from tasks.wire.queues import remove_topology
+from tasks.wire.topology import remove_topology
 from tests.integration.conftest import queue_depth
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

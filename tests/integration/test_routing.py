@@ -29,7 +29,7 @@ from tasks import app, infer
 from tasks.client.routes import build_router, wait_for_workers
 from tasks.ops.demo import sample_inputs
 from tasks.ops.launcher import WorkerProcess
-from tasks.wire.queues import remove_topology
+from tasks.wire.topology import remove_topology
 from tests.integration.conftest import queue_depth
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

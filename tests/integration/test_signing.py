@@ -34,8 +34,8 @@ from celery.security.serialization import SecureSerializer
 from routing.queues import dead_letter_queue, direct_queue
 from tasks import app
 from tasks.ops.launcher import WorkerProcess
-from tasks.wire.queues import remove_topology
 from tasks.wire.signing import CERT_FILE, KEY_FILE, init
+from tasks.wire.topology import remove_topology
 from tests.integration.conftest import queue_depth
 
 pytestmark = pytest.mark.integration

@@ -34,7 +34,7 @@ from routing.queues import dead_letter_queue, direct_queue
 from tasks.app import InferenceApp
 from tasks.ops.launcher import WorkerProcess, free_port
 from tasks.settings import Settings
-from tasks.wire.queues import remove_topology
+from tasks.wire.topology import remove_topology
 from tasks.worker.command import worker_argv
 from tests.reliability.ledger import Ledger
 

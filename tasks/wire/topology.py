@@ -1,4 +1,6 @@
-"""Celery queue declarations with the deployment's queue arguments (see :mod:`routing.queues`).
+"""The queue topology: Celery's queues, declared with the deployment's arguments.
+
+Queue names and their x-arguments come from :mod:`routing.queues`.
 
 Every task queue Celery knows about, the default ``cpu`` queue, a worker's
 ``-Q`` list and any queue named in ``apply_async(queue=...)``, is declared
