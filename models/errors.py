@@ -5,11 +5,15 @@ Pure Python (no torch, no celery), so every package can raise and catch these:
 ``tasks`` (settings, payload limits).  Celery stores a failed task's exception
 as (module, class name, args) in the result backend, and ``AsyncResult.get()``
 re-raises the same class on the client, so each class takes one argument: the
-message, which always says what to do next.
+message, which always says what to do next.  A value the caller sent is
+echoed through :func:`echo`, which cuts it short.
 
     InferenceError                 base of everything below
     ├── ConfigurationError         a setting is missing or inconsistent
     ├── RequestError               the caller sent something we refuse (never retried)
+    │   ├── BadArguments           tasks.infer called with the wrong arguments
+    │   ├── BadRequirements        a ``requires`` header that is not a valid requirement
+    │   ├── MalformedMessage       a message no worker can run (undecodable, refused type, unknown task)
     │   ├── UnknownModel
     │   ├── MalformedPayload       not a tensor envelope / cannot be decoded
     │   ├── PayloadTooLarge        over the configured byte limit
@@ -30,12 +34,19 @@ message, which always says what to do next.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 __all__ = [
+    "DTYPE_NAMES",
+    "ECHO_CHARS",
+    "BadArguments",
+    "BadRequirements",
     "ChunkFailed",
     "ConfigurationError",
     "DtypeMismatch",
     "InferenceError",
     "InvalidInput",
+    "MalformedMessage",
     "MalformedPayload",
     "ModelLoadError",
     "ModelTooLarge",
@@ -50,7 +61,37 @@ __all__ = [
     "UnsafeWeightsFile",
     "UnsupportedDtype",
     "ValueOutOfRange",
+    "echo",
+    "unknown_dtype",
+    "unsupported_dtype",
 ]
+
+ECHO_CHARS = 80  # the most of a caller's value that a message repeats
+DTYPE_NAMES = ("fp32", "fp16", "bf16")  # compute precisions; ``auto`` and None pick one
+
+
+def echo(value: object, limit: int = ECHO_CHARS) -> str:
+    """``repr(value)``, cut to about ``limit`` characters and marked when cut."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text)} characters, cut)"
+
+
+def unknown_dtype(dtype: object) -> UnsupportedDtype:
+    """The error for a precision name that is not fp32, fp16, bf16 or auto (the same on every path)."""
+    return UnsupportedDtype(
+        f"dtype {echo(dtype)} is not a precision: use fp32, fp16, bf16 or auto "
+        "(auto: half precision on a GPU where the model allows it, else fp32)"
+    )
+
+
+def unsupported_dtype(dtype: str, where: str, supported: Iterable[str]) -> UnsupportedDtype:
+    """The error for a precision ``where`` cannot run (a worker's device, or the live fleet)."""
+    return UnsupportedDtype(
+        f"dtype {dtype!r} is not supported on {where} (supported: {', '.join(supported) or 'none'}): "
+        "ask for fp32 or auto, or send it where it runs (a GPU worker for fp16)"
+    )
 
 
 class InferenceError(Exception):
@@ -63,6 +104,22 @@ class ConfigurationError(InferenceError):
 
 class RequestError(InferenceError):
     """The request itself is wrong; retrying it unchanged can never succeed."""
+
+
+class BadArguments(RequestError):
+    """``tasks.infer`` was called with arguments it does not take: ``(model, inputs, dtype=None)``."""
+
+
+class BadRequirements(RequestError):
+    """A ``requires`` header that is not a mapping of known requirements with valid values."""
+
+
+class MalformedMessage(RequestError):
+    """A message no worker can run: undecodable body, refused content type or unknown task.
+
+    The worker dead-letters it and stores this failure for its task id (read
+    from the headers, never from the body), so the caller's ``get()`` raises.
+    """
 
 
 class UnknownModel(RequestError):

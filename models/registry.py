@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
-from models.errors import UnknownModel
+from models.errors import UnknownModel, echo
 
 __all__ = ["SPECS", "ModelSpec", "get_spec", "model_names"]
 
@@ -103,7 +103,7 @@ def get_spec(name: object) -> ModelSpec:
     """Return the spec for ``name`` or raise :class:`UnknownModel`."""
     if not isinstance(name, str) or name not in SPECS:
         raise UnknownModel(
-            f"unknown model {name!r}: choose one of {', '.join(model_names())} "
+            f"unknown model {echo(name)}: choose one of {', '.join(model_names())} "
             "(python -m models list shows them with their input shapes)"
         )
     return SPECS[name]

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.errors import ConfigurationError, UnsupportedDtype
+from models.errors import ConfigurationError, UnsupportedDtype, unknown_dtype, unsupported_dtype
 from models.loader import load_model
 from models.registry import ModelSpec
 
@@ -81,14 +81,11 @@ def resolve_dtype(requested: str | None, spec: ModelSpec, device: torch.device) 
             return "bf16" if "bf16" in supported else "fp16"
         return "fp32"
     if requested not in DTYPES:
-        raise UnsupportedDtype(f"dtype {requested!r} is not one of {', '.join(DTYPES)} or auto")
+        raise unknown_dtype(requested)
     if requested != "fp32" and not spec.half_precision_ok:
         raise UnsupportedDtype(f"model {spec.name!r} runs only in fp32; drop dtype={requested!r}")
     if requested not in supported:
-        raise UnsupportedDtype(
-            f"dtype {requested!r} is not supported on {device} (supported: {', '.join(supported)}); "
-            "send it to a GPU worker or ask for fp32"
-        )
+        raise unsupported_dtype(requested, str(device), supported)
     return requested
 
 
