@@ -24,8 +24,8 @@ from models.errors import InferenceError
 from models.registry import get_spec
 from routing.queues import own_queue
 from tasks.app import app
-from tasks.inference import check_dtype
 from tasks.wire.backend import registry_store
+from tasks.wire.request import check_dtype
 
 __all__ = ["capabilities", "load", "load_model", "unload", "unload_model"]
 

@@ -7,6 +7,10 @@
      "timing": {"queue_wait_ms": .., "batch_wait_ms": .., "compute_ms": .., "service_ms": ..,
                 "total_ms": ..}}
 
+``queue_wait_ms`` and ``total_ms`` are None (unknown) when the producer did not
+stamp its send time (``infer_sent_at``: every client of this project's app
+does; a plain Celery client does not).
+
 With dynamic batching on (``INFER_BATCHING``, threads pool), a one-sample
 request may share its forward pass with others: ``forward_batch`` says with
 how many, and ``compute_ms`` is that whole pass.
@@ -21,17 +25,15 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from models.errors import RequestError, UnsupportedDtype
+from models.errors import RequestError
 from models.registry import get_spec
 from models.validation import check_size
 from tasks.app import SENT_AT_HEADER, app
 from tasks.wire.codec import encode, to_array
-from tasks.wire.request import checked_inputs, infer_call
+from tasks.wire.request import check_dtype, checked_inputs, infer_call
 from tasks.worker.dedup import IdempotentTask
 
 __all__ = ["InferenceTask", "infer"]
-
-COMPUTE_DTYPES = (None, "auto", "fp32", "fp16", "bf16")
 
 
 class InferenceTask(IdempotentTask):
@@ -44,7 +46,9 @@ class InferenceTask(IdempotentTask):
     client checks; the worker then raises the same errors.
     """
 
-    typing = True  # wrong arguments raise TypeError at call time
+    # Wrong arguments raise BadArguments (tasks.wire.request.infer_call) on every
+    # path, before Celery's own signature check could raise a bare TypeError.
+    typing = False
     # Expected, caller-caused failures: stored as the task failure, logged
     # without a traceback, never retried.
     throws = (RequestError,)
@@ -56,24 +60,25 @@ class InferenceTask(IdempotentTask):
         **options: Any,
     ) -> Any:
         serializer = options.get("serializer") or app.infer_settings.serializer
-        args, kwargs = prepare_request(list(args or ()), dict(kwargs or {}), serializer)
+        args, kwargs = prepare_request(args, kwargs, serializer)
         return super().apply_async(args, kwargs, **options)
 
-
-def check_dtype(dtype: object) -> None:
-    """Refuse a compute precision that is not fp32, fp16, bf16, auto or None."""
-    if dtype not in COMPUTE_DTYPES:
-        raise UnsupportedDtype(f"dtype {dtype!r} is not one of fp32, fp16, bf16 or auto")
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        # In the worker (and a direct call): a send_task of any shape reaches here, never a
+        # TypeError from Python's own argument binding.
+        infer_call(args, kwargs)
+        return super().__call__(*args, **kwargs)
 
 
 def prepare_request(
-    args: list[Any], kwargs: dict[str, Any], serializer: str = "msgpack"
+    args: Any, kwargs: Any, serializer: str = "msgpack"
 ) -> tuple[list[Any], dict[str, Any]]:
     """Validate an ``infer`` call and encode array inputs; return the (args, kwargs) to publish.
 
     Arrays travel as raw bytes under msgpack and as base64 under json.
     """
     model, inputs, dtype = infer_call(args, kwargs)
+    args, kwargs = list(args or ()), dict(kwargs or {})
     spec = get_spec(model)
     check_dtype(dtype)
     checked_inputs(spec, inputs, app.infer_settings.max_payload_bytes)
@@ -118,7 +123,8 @@ def infer(self: InferenceTask, model: str, inputs: Any, dtype: str | None = None
     check_size(outputs.nbytes, settings.max_payload_bytes)
     finished = time.time()
     sent_at = getattr(self.request, SENT_AT_HEADER, None)
-    sent = float(sent_at) if isinstance(sent_at, int | float) else started
+    # A producer that does not stamp the send time (any client but ours): the wait is unknown.
+    sent = float(sent_at) if isinstance(sent_at, int | float) and sent_at > 0 else None
     return {
         "model": spec.name,
         "outputs": encode(outputs, binary=settings.binary_tensors),
@@ -128,10 +134,10 @@ def infer(self: InferenceTask, model: str, inputs: Any, dtype: str | None = None
         "device": str(runtime.device),
         "dtype": precision,
         "timing": {
-            "queue_wait_ms": max(0.0, (started - sent) * 1000.0),
+            "queue_wait_ms": None if sent is None else max(0.0, (started - sent) * 1000.0),
             "batch_wait_ms": batch_wait_ms,
             "compute_ms": compute_ms,
             "service_ms": (finished - started) * 1000.0,
-            "total_ms": max(0.0, (finished - sent) * 1000.0),
+            "total_ms": None if sent is None else max(0.0, (finished - sent) * 1000.0),
         },
     }

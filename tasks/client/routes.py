@@ -18,6 +18,7 @@ An explicit ``queue=`` bypasses the router entirely.
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections.abc import Callable
@@ -30,27 +31,49 @@ from routing.router import CapabilityRouter
 from routing.sticky import StickyCache
 from tasks.settings import Settings
 from tasks.wire.backend import registry_store
-from tasks.wire.request import infer_call
+from tasks.wire.codec import NO_LIMIT, refuse_oversized
+from tasks.wire.request import check_dtype, infer_call
 
-__all__ = ["ROUTED_TASKS", "AppRoute", "build_router", "requirements_for", "wait_for_workers"]
+__all__ = [
+    "ROUTED_TASKS",
+    "AppRoute",
+    "build_router",
+    "call_requirements",
+    "requirements_for",
+    "wait_for_workers",
+]
 
 ROUTED_TASKS = frozenset({"tasks.infer", "tasks.diag.noop", "tasks.gather"})
 
 
 def requirements_for(
-    name: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+    name: str, args: tuple[Any, ...], kwargs: dict[str, Any], max_payload_bytes: int = NO_LIMIT
 ) -> TaskRequirements | None:
-    """Requirements of an inference call from the registry and its own arguments; None if not routed."""
+    """Requirements of a call from the model registry and its own arguments; None if not routed.
+
+    Runs at submit for ``send_task`` too, so a call that can never run is refused
+    here with the class the worker would raise: wrong arguments
+    (:class:`~models.errors.BadArguments`), an unknown model or precision, or
+    inputs whose size estimate is over ``max_payload_bytes`` (nothing converted).
+    """
     if name not in ROUTED_TASKS:
         return None
     if name != "tasks.infer":
         return TaskRequirements()  # any live worker
     call = infer_call(args, kwargs)
-    spec = get_spec(call.model)  # UnknownModel: refused before publishing, send_task included
+    requirements = call_requirements(call.model, call.dtype)
+    refuse_oversized(call.inputs, max_payload_bytes)
+    return requirements
+
+
+def call_requirements(model: object, dtype: object = None) -> TaskRequirements:
+    """What serving ``model`` in precision ``dtype`` needs (``celery -A tasks route`` asks too)."""
+    spec = get_spec(model)  # UnknownModel: refused before publishing, send_task included
+    check_dtype(dtype)
     return TaskRequirements(
         model=spec.name,
         model_memory_mb=spec.memory_mb,
-        dtype=None if call.dtype in (None, "auto") else call.dtype,
+        dtype=None if dtype in (None, "auto") else str(dtype),
     )
 
 
@@ -64,7 +87,8 @@ def build_router(settings: Settings) -> CapabilityRouter:
         on_lost=sticky.drop_worker,
         on_evicted=lambda worker, model: sticky.invalidate(worker=worker, model=model),
     )
-    router = CapabilityRouter(registry.workers, requirements_for, sticky)
+    requirements = functools.partial(requirements_for, max_payload_bytes=settings.max_payload_bytes)
+    router = CapabilityRouter(registry.workers, requirements, sticky)
     router.registry = registry
     return router
 

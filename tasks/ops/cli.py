@@ -32,12 +32,11 @@ __all__ = ["route"]
 @click.pass_context
 def route(ctx: Any, model: str, dtype: str | None, wait: float | None, **requires: Any) -> None:
     """Print the capability router's decision ladder for one request."""
-    from tasks.client.routes import requirements_for
+    from tasks.client.routes import call_requirements
 
     app = ctx.obj.app
     try:
-        base = requirements_for("tasks.infer", (model, None, dtype), {})
-        assert base is not None
+        base = call_requirements(model, dtype)
         overrides = {k: v for k, v in requires.items() if v not in (None, 0, "any")}
         req = base.merged(overrides) if overrides else base
     except InferenceError as e:

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from models.errors import MalformedPayload, NonNumericInput, PayloadTooLarge
+from models.errors import MalformedPayload, NonNumericInput, PayloadTooLarge, echo
 
 __all__ = [
     "NO_LIMIT",
@@ -24,7 +24,9 @@ __all__ = [
     "decode",
     "display",
     "encode",
+    "estimated_nbytes",
     "redact_bytes",
+    "refuse_oversized",
     "refuse_text_content",
     "to_array",
 ]
@@ -34,6 +36,7 @@ WIRE_DTYPES = frozenset(
 )
 # The size limit for decoding what our own workers return: the input limit does not apply.
 NO_LIMIT = 1 << 62
+MAX_NESTING = 32  # list nesting probed for a size estimate (numpy 1.x allowed 32 dimensions)
 _KEYS = {"dtype", "shape", "data"}
 # A bytes literal in a repr, possibly cut short by a length limit.
 _BYTES_REPR = re.compile(r"""(?<![\w'"])(?:b'(?:[^'\\]|\\.)*(?:'|$)|b"(?:[^"\\]|\\.)*(?:"|$))""")
@@ -64,11 +67,7 @@ def decode(payload: Any, max_bytes: int) -> np.ndarray:
     if isinstance(payload, dict):
         return _decode_envelope(payload, max_bytes)
     if isinstance(payload, list | tuple | int | float):
-        if isinstance(payload, list | tuple) and len(payload) > max_bytes:
-            raise PayloadTooLarge(
-                f"input list has {len(payload)} entries, more than the {max_bytes}-byte limit allows: "
-                "send smaller batches or a reference to shared storage"
-            )
+        refuse_oversized(payload, max_bytes)
         try:
             array = np.asarray(payload)
         except (ValueError, TypeError) as e:
@@ -86,22 +85,65 @@ def decode(payload: Any, max_bytes: int) -> np.ndarray:
     )
 
 
+def estimated_nbytes(payload: Any) -> int | None:
+    """About how many bytes ``payload`` decodes to, read from its lengths alone; None if unknown.
+
+    An envelope: its shape times its dtype's size.  A nested list: the lengths
+    along its first elements, 8 bytes a number (numpy makes Python numbers
+    float64 or int64).  Nothing is converted, so a 9-million-entry list is
+    refused in microseconds, not seconds.
+    """
+    if isinstance(payload, dict):
+        shape, dtype = payload.get("shape"), payload.get("dtype")
+        if (
+            isinstance(shape, list | tuple)
+            and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+            and isinstance(dtype, str)
+            and dtype in WIRE_DTYPES
+        ):
+            return math.prod(shape) * np.dtype(dtype).itemsize
+        return None
+    count, level = 1, payload
+    for _ in range(MAX_NESTING):
+        if not isinstance(level, list | tuple):
+            return count * 8
+        count *= len(level)
+        if not level:
+            return 0
+        level = level[0]
+    return None
+
+
+def refuse_oversized(payload: Any, max_bytes: int) -> None:
+    """Raise :class:`PayloadTooLarge` if ``payload`` is estimated over ``max_bytes`` (in bytes)."""
+    nbytes = estimated_nbytes(payload)
+    if nbytes is not None and nbytes > max_bytes:
+        raise PayloadTooLarge(
+            f"input is about {nbytes} bytes, over the {max_bytes}-byte limit "
+            "(INFER_MAX_PAYLOAD_BYTES): split it into smaller batches, or put it in shared "
+            "storage and pass a reference"
+        )
+
+
 def _decode_envelope(payload: dict[str, Any], max_bytes: int) -> np.ndarray:
     if set(payload) != _KEYS:
         raise MalformedPayload(
-            f"tensor envelope must have exactly the keys dtype, shape, data; got {sorted(payload)}"
+            "tensor envelope must have exactly the keys dtype, shape, data; "
+            f"got {echo(sorted(map(str, payload)))}"
         )
     dtype_name, shape, data = payload["dtype"], payload["shape"], payload["data"]
     if not isinstance(dtype_name, str) or dtype_name not in WIRE_DTYPES:
         if isinstance(dtype_name, str) and dtype_name in ("str", "object", "bool", "bytes"):
             raise NonNumericInput(f"envelope dtype {dtype_name!r} is not numeric: send numbers")
         raise MalformedPayload(
-            f"envelope dtype {dtype_name!r} is not one of {', '.join(sorted(WIRE_DTYPES))}"
+            f"envelope dtype {echo(dtype_name)} is not one of {', '.join(sorted(WIRE_DTYPES))}"
         )
     if not isinstance(shape, list | tuple) or not all(
         isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
     ):
-        raise MalformedPayload(f"envelope shape {shape!r} must be a list of non-negative integers")
+        raise MalformedPayload(
+            f"envelope shape {echo(shape)} must be a list of non-negative integers"
+        )
     dtype = np.dtype(dtype_name).newbyteorder("<")
     expected = math.prod(shape) * dtype.itemsize
     if expected > max_bytes:

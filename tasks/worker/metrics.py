@@ -146,7 +146,7 @@ def _on_failure(
 ) -> None:
     if getattr(sender, "name", None) != INFER_TASK:
         return
-    model = infer_call(args, kwargs).model
+    model = infer_call(args, kwargs, strict=False).model
     REQUESTS.labels(_model_label(model), type(exception).__name__).inc()
 
 
