@@ -65,8 +65,11 @@ class InferenceTask(IdempotentTask):
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         # In the worker (and a direct call): a send_task of any shape reaches here, never a
-        # TypeError from Python's own argument binding.
-        infer_call(args, kwargs)
+        # TypeError from Python's own argument binding.  The message's own args, not the
+        # splatted ones: Celery unpacks a string sent as args into its characters.
+        request = self.request
+        sent = request.args if not request.called_directly else args
+        infer_call(sent if sent is not None else args, kwargs)
         return super().__call__(*args, **kwargs)
 
 
