@@ -9,15 +9,28 @@ them.  :func:`unmet` says in words why a worker cannot serve a request.
 from __future__ import annotations
 
 import json
+import math
+import re
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
+from numbers import Integral
 from typing import Any
 
-from models.errors import ConfigurationError
+from models.errors import (
+    DTYPE_NAMES,
+    BadRequirements,
+    ConfigurationError,
+    echo,
+    unknown_dtype,
+)
 
 __all__ = [
+    "CALLER_KEYS",
+    "CLIENT_KEYS",
     "DEVICE_KINDS",
     "DTYPES",
+    "MAX_CAPABILITY_PART",
+    "MAX_MEMORY_MB",
     "TaskRequirements",
     "WorkerCapabilities",
     "best",
@@ -26,7 +39,19 @@ __all__ = [
 ]
 
 DEVICE_KINDS = ("any", "cpu", "cuda")
-DTYPES = ("fp32", "fp16", "bf16")
+DTYPES = DTYPE_NAMES  # fp32, fp16, bf16: one list, shared with the worker's checks
+MAX_MEMORY_MB = 2**40 - 1  # a megabyte figure above this (1 EiB) is a mistake, not a device
+MAX_CAPABILITY_PART = 999  # compute capability major and minor: whole numbers 0..999
+CALLER_KEYS = ("device", "min_free_memory_mb", "min_compute_capability", "dtype")
+CLIENT_KEYS = ("model", "model_memory_mb")  # derived from the call and the model registry
+
+_VALID = (
+    "device ('any', 'cpu' or 'cuda'), "
+    f"min_free_memory_mb (a whole number of MB, 0 to {MAX_MEMORY_MB}), "
+    "min_compute_capability ('8.0', '8' or [8, 0]), "
+    "dtype ('fp32', 'fp16', 'bf16' or 'auto')"
+)
+_CAPABILITY = re.compile(r"([0-9]{1,3})(?:\.([0-9]{1,3}))?", re.ASCII)
 
 
 @dataclass(frozen=True)
@@ -35,7 +60,12 @@ class TaskRequirements:
 
     ``model_memory_mb`` comes from the model registry and applies only to a
     worker that would have to load the model; ``min_free_memory_mb`` is
-    headroom the caller asks for, on any worker.
+    headroom the caller asks for, on any worker.  ``dtype="auto"`` is stored
+    as None.  The constructor is for code (the client, benchmarks): a bad
+    device or memory figure there is a :class:`ConfigurationError`, a bad
+    precision name :func:`~models.errors.unknown_dtype`.  What callers send
+    (``headers={"requires": ...}``) goes through :meth:`merged` /
+    :meth:`from_mapping`, which raise :class:`~models.errors.BadRequirements`.
     """
 
     device: str = "any"
@@ -50,30 +80,44 @@ class TaskRequirements:
             raise ConfigurationError(
                 f"device {self.device!r}: use one of {', '.join(DEVICE_KINDS)}"
             )
-        if self.dtype is not None and self.dtype not in DTYPES:
-            raise ConfigurationError(f"dtype {self.dtype!r}: use one of {', '.join(DTYPES)}")
+        if isinstance(self.dtype, str) and self.dtype == "auto":
+            object.__setattr__(self, "dtype", None)  # frozen: normalise once, here
+        if self.dtype is not None and not (isinstance(self.dtype, str) and self.dtype in DTYPES):
+            raise unknown_dtype(self.dtype)
         if self.min_free_memory_mb < 0 or self.model_memory_mb < 0:
             raise ConfigurationError("memory requirements must be >= 0")
 
     @classmethod
-    def from_mapping(cls, data: Mapping[str, Any]) -> TaskRequirements:
-        """Build from a header/option dict; unknown keys are an error, not ignored."""
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ConfigurationError(
-                f"unknown requirement(s) {sorted(unknown)}: use {', '.join(sorted(known))}"
-            )
-        values = dict(data)
-        cc = values.get("min_compute_capability")
-        if cc is not None:
-            values["min_compute_capability"] = _capability(cc)
-        return cls(**values)
+    def from_mapping(cls, data: object) -> TaskRequirements:
+        """Requirements from a caller's ``requires`` value alone (see :meth:`merged`)."""
+        return cls().merged(data)
 
-    def merged(self, overrides: Mapping[str, Any]) -> TaskRequirements:
-        """These requirements with ``overrides`` applied on top (per-call wins)."""
-        base = {k: v for k, v in asdict(self).items() if k not in overrides}
-        return TaskRequirements.from_mapping({**base, **overrides})
+    def merged(self, overrides: object) -> TaskRequirements:
+        """These requirements with a caller's ``requires`` header applied on top (per-call wins).
+
+        ``overrides`` must be a mapping of these keys (anything else raises
+        :class:`~models.errors.BadRequirements` naming the key, the value and
+        what to write instead):
+
+        - ``device``: ``"any"``, ``"cpu"`` or ``"cuda"``;
+        - ``min_free_memory_mb``: a whole number of MB from 0 to ``MAX_MEMORY_MB``
+          (``8000`` or ``8000.0``; not a bool, a fraction or a string);
+        - ``min_compute_capability``: ``"8.0"``, ``"8"``, ``[8, 0]`` or ``(8, 0)``,
+          each part a whole number from 0 to 999; None adds no constraint;
+        - ``dtype``: ``fp32``, ``fp16`` or ``bf16``; None or ``"auto"`` adds no
+          constraint (the call's own ``dtype`` still applies); any other name
+          raises :func:`~models.errors.unknown_dtype`, as the worker would.
+
+        ``overrides=None`` means no requirements.  ``model`` and
+        ``model_memory_mb`` are refused: the client sets them from the call's
+        model argument and the model registry, and a caller who could set them
+        would route one model's requests as another's, or skip the memory check
+        (ask for headroom with ``min_free_memory_mb`` instead).
+        """
+        if overrides is None:
+            return self
+        parsed = _parse_requires(overrides)
+        return replace(self, **parsed) if parsed else self
 
     @property
     def key(self) -> tuple[object, ...]:
@@ -88,12 +132,94 @@ class TaskRequirements:
         )
 
 
-def _capability(value: Any) -> tuple[int, int]:
+def _parse_requires(requires: object) -> dict[str, Any]:
+    """The fields a ``requires`` header sets, checked; BadRequirements for anything else."""
+    if not isinstance(requires, Mapping):
+        raise BadRequirements(
+            f"the requires header is {echo(requires)} ({type(requires).__name__}), not a mapping: "
+            f"write headers={{'requires': {{'device': 'cuda', 'min_free_memory_mb': 8000}}}}; "
+            f"valid keys: {_VALID}"
+        )
+    client = [k for k in CLIENT_KEYS if k in requires]
+    if client:
+        raise BadRequirements(
+            f"requires[{client[0]!r}] cannot be set by a caller: the client sets model and "
+            "model_memory_mb from the call's model argument and the model registry. Drop it, "
+            f"and ask for headroom with min_free_memory_mb; valid keys: {_VALID}"
+        )
+    unknown = sorted((k for k in requires if k not in CALLER_KEYS), key=repr)
+    if unknown:
+        shown = ", ".join(echo(k) for k in unknown[:5])
+        more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
+        raise BadRequirements(
+            f"unknown requirement {shown}{more} in the requires header: valid keys: {_VALID}"
+        )
+    parsed: dict[str, Any] = {}
+    if "device" in requires:
+        parsed["device"] = _device(requires["device"])
+    if "min_free_memory_mb" in requires:
+        parsed["min_free_memory_mb"] = _memory(requires["min_free_memory_mb"])
+    cc = requires.get("min_compute_capability")
+    if cc is not None:
+        parsed["min_compute_capability"] = _capability(cc)
+    dtype = requires.get("dtype")
+    if dtype is not None and not (isinstance(dtype, str) and dtype == "auto"):
+        if not (isinstance(dtype, str) and dtype in DTYPES):
+            raise unknown_dtype(dtype)
+        parsed["dtype"] = dtype
+    return parsed
+
+
+def _bad(key: str, value: object, hint: str) -> BadRequirements:
+    return BadRequirements(f"requires[{key!r}] = {echo(value)} is not valid: {hint}")
+
+
+def _whole(value: object, limit: int) -> int | None:
+    """``value`` as an int in ``0..limit`` (an integral float counts), else None."""
+    if isinstance(value, float):
+        if not (math.isfinite(value) and value.is_integer()):
+            return None
+    elif isinstance(value, bool) or not isinstance(value, Integral):
+        return None
+    number = int(value)
+    return number if 0 <= number <= limit else None
+
+
+def _device(value: object) -> str:
+    if isinstance(value, str) and value in DEVICE_KINDS:
+        return value
+    raise _bad("device", value, "write 'any' (no constraint), 'cpu' or 'cuda'")
+
+
+def _memory(value: object) -> int:
+    number = _whole(value, MAX_MEMORY_MB)
+    if number is None:
+        raise _bad(
+            "min_free_memory_mb",
+            value,
+            f"write a whole number of megabytes from 0 (no constraint) to {MAX_MEMORY_MB}, "
+            "e.g. 8000",
+        )
+    return number
+
+
+def _capability(value: object) -> tuple[int, int]:
+    parts: tuple[int | None, int | None] = (None, None)
     if isinstance(value, str):
-        major, _, minor = value.partition(".")
-        return int(major), int(minor or 0)
-    major, minor = value
-    return int(major), int(minor)
+        found = _CAPABILITY.fullmatch(value)
+        if found:
+            parts = (int(found[1]), int(found[2] or 0))
+    elif isinstance(value, list | tuple) and len(value) == 2:
+        parts = (_whole(value[0], MAX_CAPABILITY_PART), _whole(value[1], MAX_CAPABILITY_PART))
+    major, minor = parts
+    if major is None or minor is None:
+        raise _bad(
+            "min_compute_capability",
+            value,
+            "write major.minor as a string ('8.0' or '8') or a pair ([8, 0] or (8, 0)), "
+            f"each a whole number from 0 to {MAX_CAPABILITY_PART}; None for no constraint",
+        )
+    return major, minor
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,10 @@ reply timeout (1 s by default) to collect answers.  On the embedded default
 expired by their heartbeat time.
 
 :class:`LiveRegistry` is what the router reads: a snapshot refreshed by a
-background thread, so routing never waits on the network.
+background thread, so routing does not wait on the network; only before it
+refuses a request does the router ask for one synchronous read
+(:meth:`LiveRegistry.refresh_if_stale`, rate-limited), when the snapshot is
+older than a heartbeat interval.
 """
 
 from __future__ import annotations
@@ -126,6 +129,8 @@ class LiveRegistry:
     is older are dropped even if the store still holds them.  ``on_lost(name)``
     is called once for each worker that disappears, and ``on_evicted(name,
     model)`` for each model a worker no longer holds (it evicted it).
+    ``sync_refresh_s`` spaces the synchronous refreshes of
+    :meth:`refresh_if_stale` (at most one attempt per 100 ms by default).
     """
 
     def __init__(
@@ -136,10 +141,12 @@ class LiveRegistry:
         now: Callable[[], float] = time.time,
         on_lost: Callable[[str], object] | None = None,
         on_evicted: Callable[[str, str], object] | None = None,
+        sync_refresh_s: float = 0.1,
     ) -> None:
         self.store = store
         self.ttl_s = ttl_s
         self.refresh_s = refresh_s
+        self.sync_refresh_s = sync_refresh_s
         self._now = now
         self._on_lost = on_lost
         self._on_evicted = on_evicted
@@ -147,7 +154,14 @@ class LiveRegistry:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._lock = threading.Lock()
+        self._sync_lock = threading.Lock()
+        self._sync_tried_at: float | None = None
         self.refreshed_at = 0.0
+
+    @property
+    def heartbeat_s(self) -> float:
+        """One heartbeat interval: half the expiry (a record outlives two beats)."""
+        return self.ttl_s / 2
 
     def workers(self) -> dict[str, WorkerCapabilities]:
         """The last snapshot (no network); starts the refresher on first use."""
@@ -180,6 +194,30 @@ class LiveRegistry:
         for name, model in evicted:
             if self._on_evicted is not None:
                 self._on_evicted(name, model)
+
+    def refresh_if_stale(self) -> bool:
+        """Refresh once, now, if the snapshot is older than one heartbeat interval.
+
+        The router calls this before it refuses a request, so a snapshot the
+        background refresher has not renewed (it failed, or has not run yet)
+        cannot refuse a live fleet.  One call is at most one store read (Redis:
+        SMEMBERS + MGET, bounded by the store's socket timeout; files: one
+        folder), and there is at most
+        one attempt per ``sync_refresh_s`` whoever asks, so a burst of refusals
+        or a store that is down costs one read, not one per request.  True
+        when the snapshot was renewed: decide again.
+        """
+        with self._sync_lock:
+            now = self._now()
+            if now - self.refreshed_at <= self.heartbeat_s:
+                return False
+            tried = self._sync_tried_at
+            if tried is not None and 0 <= now - tried < self.sync_refresh_s:
+                return False  # (a wall clock that stepped back does not block retries)
+            self._sync_tried_at = now
+        before = self.refreshed_at
+        self.refresh()
+        return self.refreshed_at != before
 
     def _start(self) -> None:
         with self._lock:

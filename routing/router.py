@@ -12,10 +12,18 @@ tasks the decision ladder is:
 3. otherwise (no entry, or its worker died or lost the capability) the best
    capable worker (model already loaded, least loaded, most free memory)
    -> its own queue, and remember it;
-4. otherwise raise :class:`~models.errors.NoCapableWorker` naming the unmet
-   requirement: ``apply_async`` raises before anything is published.
+4. otherwise, if the registry snapshot is older than a heartbeat interval,
+   refresh it once (one store read, at most one per 100 ms) and decide again,
+   so a stale snapshot never refuses a live fleet;
+5. otherwise refuse: ``apply_async`` raises before anything is published.
+   If live workers exist but none advertises the requested ``dtype``, that is
+   :func:`~models.errors.unsupported_dtype` (an ``UnsupportedDtype``, as a
+   worker would raise); else :class:`~models.errors.NoCapableWorker` naming
+   each worker's unmet requirement.
 
-The router reads a cached registry snapshot and never waits on the network.
+The router reads a cached registry snapshot and waits on the network only in
+step 4.  A ``requires`` header that is not a valid requirement raises
+:class:`~models.errors.BadRequirements` (see :meth:`TaskRequirements.merged`).
 A caller's explicit ``queue=`` always wins (Celery merges options over the
 route), and such calls are not routed at all.
 """
@@ -29,8 +37,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from models.errors import NoCapableWorker
-from routing.capabilities import TaskRequirements, WorkerCapabilities, best, match, unmet
+from models.errors import InferenceError, NoCapableWorker, UnsupportedDtype, unsupported_dtype
+from routing.capabilities import DTYPES, TaskRequirements, WorkerCapabilities, best, match, unmet
 from routing.sticky import StickyCache
 
 __all__ = ["REQUIRES_HEADER", "CapabilityRouter", "RouterStats"]
@@ -49,7 +57,7 @@ class RouterStats:
     fallbacks: int = 0  # sticky worker gone or no longer capable: chose and recorded another
     spills: int = 0  # sticky worker at its in-flight limit: this request went elsewhere
     misses: int = 0  # no sticky entry: chose fresh
-    errors: int = 0  # NoCapableWorker raised
+    errors: int = 0  # refused: NoCapableWorker or UnsupportedDtype raised
     decision_us: deque[float] = field(default_factory=lambda: deque(maxlen=10_000))
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -82,7 +90,7 @@ class CapabilityRouter:
     def __init__(
         self,
         workers: Callable[[], Mapping[str, WorkerCapabilities]],
-        requirements_for: Callable[[str, tuple[Any, ...], dict[str, Any]], TaskRequirements | None],
+        requirements_for: Callable[[str, Any, Any], TaskRequirements | None],
         sticky: StickyCache | None = None,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
@@ -91,7 +99,8 @@ class CapabilityRouter:
         self.sticky = sticky or StickyCache()
         self.stats = RouterStats()
         self._clock = clock
-        self.registry: Any = None  # the LiveRegistry feeding ``workers``, when there is one
+        # The LiveRegistry feeding ``workers``, when there is one: refreshed once before a refusal.
+        self.registry: Any = None
 
     def __call__(
         self,
@@ -104,15 +113,16 @@ class CapabilityRouter:
     ) -> dict[str, Any] | None:
         if options.get("queue") or options.get("routing_key"):
             return None
-        base = self._requirements_for(name, tuple(args or ()), dict(kwargs or {}))
+        # As the caller gave them: a string or a non-mapping is the caller's mistake to name.
+        base = self._requirements_for(name, args, kwargs)
         if base is None:
             return None  # not an inference task: Celery's default routing applies
         overrides = (options.get("headers") or {}).get(REQUIRES_HEADER)
-        req = base.merged(overrides) if overrides else base
+        req = base if overrides is None else base.merged(overrides)  # BadRequirements
         return {"queue": self.decide(req).queue}
 
     def decide(self, req: TaskRequirements) -> WorkerCapabilities:
-        """The ladder: sticky hit, spill, best capable worker, else NoCapableWorker."""
+        """The ladder: sticky hit, spill, best capable worker, else refuse (see the module)."""
         started = self._clock()
         try:
             workers = self._workers()
@@ -128,16 +138,28 @@ class CapabilityRouter:
                     self._count("spills")
                     return spill or w  # everyone else busy or incapable: queue behind it
                 self.sticky.invalidate(key)
-            top_free, top_any = best(req, workers.values(), affinity=self.sticky.keys_per_worker())
-            chosen = top_free or top_any  # all busy: the least loaded capable one
+            chosen = self._best(req, workers)
+            if chosen is None and self._refreshed():
+                workers = self._workers()
+                chosen = self._best(req, workers)
             if chosen is None:
                 self._count("errors", decision=False)
-                raise NoCapableWorker(_explain(req, workers))
+                raise _refusal(req, workers)
             self.sticky.put(key, chosen.name, req.model)
             self._count("fallbacks" if remembered is not None else "misses")
             return chosen
         finally:
             self.stats.decision_us.append((self._clock() - started) * 1e6)
+
+    def _best(
+        self, req: TaskRequirements, workers: Mapping[str, WorkerCapabilities]
+    ) -> WorkerCapabilities | None:
+        top_free, top_any = best(req, workers.values(), affinity=self.sticky.keys_per_worker())
+        return top_free or top_any  # all busy: the least loaded capable one
+
+    def _refreshed(self) -> bool:
+        """Whether the registry renewed a stale snapshot just now (at most once per 100 ms)."""
+        return self.registry is not None and bool(self.registry.refresh_if_stale())
 
     def explain(self, req: TaskRequirements) -> list[str]:
         """The decision ladder for ``req`` as readable lines, without changing any state."""
@@ -170,8 +192,8 @@ class CapabilityRouter:
                 )
         try:
             chosen = _peek(self, req, workers)
-        except NoCapableWorker as e:
-            lines.append(f"3. decision: NoCapableWorker: {e}")
+        except (NoCapableWorker, UnsupportedDtype) as e:
+            lines.append(f"3. decision: {type(e).__name__}: {e}")
         else:
             lines.append(f"3. decision: {chosen.name} -> queue {chosen.queue}")
         return lines
@@ -189,6 +211,18 @@ def _peek(
     """What ``decide`` would return, on a copy of the state (no sticky update, no stats)."""
     probe = CapabilityRouter(lambda: workers, router._requirements_for, router.sticky.copy())
     return probe.decide(req)
+
+
+def _refusal(req: TaskRequirements, workers: Mapping[str, WorkerCapabilities]) -> InferenceError:
+    """Why nobody can serve ``req``: the precision when no live worker runs it at all, else
+    every worker's unmet requirement."""
+    if workers and req.dtype is not None:
+        fleet = {d for w in workers.values() for d in w.dtypes}
+        if req.dtype not in fleet:
+            order = {d: i for i, d in enumerate(DTYPES)}
+            supported = sorted(fleet, key=lambda d: (order.get(d, len(order)), d))
+            return unsupported_dtype(req.dtype, "any live worker", supported)
+    return NoCapableWorker(_explain(req, workers))
 
 
 def _explain(req: TaskRequirements, workers: Mapping[str, WorkerCapabilities]) -> str:

@@ -47,7 +47,7 @@ ROUTED_TASKS = frozenset({"tasks.infer", "tasks.diag.noop", "tasks.gather"})
 
 
 def requirements_for(
-    name: str, args: tuple[Any, ...], kwargs: dict[str, Any], max_payload_bytes: int = NO_LIMIT
+    name: str, args: Any, kwargs: Any, max_payload_bytes: int = NO_LIMIT
 ) -> TaskRequirements | None:
     """Requirements of a call from the model registry and its own arguments; None if not routed.
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from models.errors import NoCapableWorker
+from models.errors import NoCapableWorker, UnsupportedDtype
 from models.registry import get_spec
 from routing.queues import direct_queue
 from routing.router import CapabilityRouter
@@ -122,7 +122,8 @@ def test_no_capable_worker_is_refused_at_submit_and_publishes_nothing(
     before = {q: queue_depth(q) for q in fleet.queues}
     with pytest.raises(NoCapableWorker, match="lacks device cuda"):
         infer.apply_async(("mlp", x("mlp")), headers={"requires": {"device": "cuda"}})
-    with pytest.raises(NoCapableWorker, match="lacks dtype fp16"):
+    # The same class the worker raises for a precision its device cannot run.
+    with pytest.raises(UnsupportedDtype, match=r"'fp16' is not supported on any live worker"):
         app.send_task("tasks.infer", args=("mlp", x("mlp").tolist(), "fp16"))
     assert {q: queue_depth(q) for q in fleet.queues} == before == {q: 0 for q in fleet.queues}
 

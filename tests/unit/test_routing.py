@@ -6,7 +6,13 @@ from dataclasses import replace
 
 import pytest
 
-from models.errors import ConfigurationError, NoCapableWorker
+from models.errors import (
+    BadRequirements,
+    ConfigurationError,
+    NoCapableWorker,
+    UnsupportedDtype,
+    unsupported_dtype,
+)
 from routing.capabilities import TaskRequirements, WorkerCapabilities, match, unmet
 from routing.queues import (
     dead_letter_arguments,
@@ -111,7 +117,7 @@ def test_requirements_from_headers_and_key() -> None:
         merged.key != req.key
         and req.key == TaskRequirements(model="cnn", min_free_memory_mb=128).key
     )
-    with pytest.raises(ConfigurationError, match="unknown requirement"):
+    with pytest.raises(BadRequirements, match="unknown requirement 'gpu'"):
         req.merged({"gpu": True})
     with pytest.raises(ConfigurationError, match="device"):
         TaskRequirements(device="tpu")
@@ -150,12 +156,11 @@ def test_sticky_bounded_lru_and_invalidation() -> None:
 # --- the ladder -------------------------------------------------------------------------------
 
 
-def make_router(workers: dict[str, WorkerCapabilities]) -> CapabilityRouter:
-    def reqs(
-        name: str, args: tuple[object, ...], kwargs: dict[str, object]
-    ) -> TaskRequirements | None:
-        return TaskRequirements(model=str(args[0])) if name == "tasks.infer" else None
+def reqs(name: str, args: tuple[object, ...], kwargs: dict[str, object]) -> TaskRequirements | None:
+    return TaskRequirements(model=str(args[0])) if name == "tasks.infer" else None
 
+
+def make_router(workers: dict[str, WorkerCapabilities]) -> CapabilityRouter:
     return CapabilityRouter(lambda: workers, reqs, StickyCache(now=Clock()))
 
 
@@ -202,6 +207,176 @@ def test_no_capable_worker_names_the_unmet_requirement() -> None:
     with pytest.raises(NoCapableWorker, match="no live worker is registered"):
         make_router({})("tasks.infer", ("cnn",), {}, {})
     assert router.stats.errors == 1
+
+
+def test_a_precision_no_live_worker_runs_is_unsupported_dtype() -> None:
+    router = make_router({CPU.name: CPU})  # CPU workers run fp32 and bf16
+    with pytest.raises(UnsupportedDtype) as caught:
+        router("tasks.infer", ("cnn",), {}, {"headers": {"requires": {"dtype": "fp16"}}})
+    assert type(caught.value) is UnsupportedDtype
+    assert str(caught.value) == str(unsupported_dtype("fp16", "any live worker", ["fp32", "bf16"]))
+    assert "not supported on any live worker (supported: fp32, bf16)" in str(caught.value)
+    assert router.stats.errors == 1 and router.stats.decisions == 0
+    # the fleet's precisions in fp32, fp16, bf16 order, whatever order workers list them in
+    odd = {
+        w.name: w
+        for w in (replace(CPU, name="c1@h", dtypes=("bf16", "fp32")), replace(CPU, name="c2@h"))
+    }
+    with pytest.raises(UnsupportedDtype, match=r"\(supported: fp32, bf16\)"):
+        make_router(odd)("tasks.infer", ("cnn",), {}, {"headers": {"requires": {"dtype": "fp16"}}})
+    lines = router.explain(TaskRequirements(model="cnn", dtype="fp16"))
+    assert lines[-1].startswith("3. decision: UnsupportedDtype: dtype 'fp16' is not supported")
+
+
+def test_other_reasons_stay_no_capable_worker_even_with_a_dtype() -> None:
+    gpu = worker("gpu0", free_memory_mb=100)
+    router = make_router({CPU.name: CPU, gpu.name: gpu})
+    # fp16 runs on gpu0, which lacks the memory: the dtype is not why nobody can serve it
+    with pytest.raises(NoCapableWorker, match=r"gpu0@h lacks 8000 MB free memory") as caught:
+        router(
+            "tasks.infer",
+            ("cnn",),
+            {},
+            {"headers": {"requires": {"dtype": "fp16", "min_free_memory_mb": 8000}}},
+        )
+    assert "cpu0@h lacks 8000 MB free memory (it has 4000 MB)" in str(caught.value)
+    # bf16 runs on cpu0, which is not a GPU
+    old_gpu = worker("gpu1", dtypes=("fp32", "fp16"), compute_capability=(7, 5))
+    mixed = make_router({CPU.name: CPU, old_gpu.name: old_gpu})
+    with pytest.raises(NoCapableWorker, match=r"cpu0@h lacks device cuda"):
+        mixed(
+            "tasks.infer",
+            ("cnn",),
+            {},
+            {"headers": {"requires": {"dtype": "bf16", "device": "cuda"}}},
+        )
+    with pytest.raises(NoCapableWorker, match=r"compute capability >= 8.0"):
+        mixed(
+            "tasks.infer",
+            ("cnn",),
+            {},
+            {"headers": {"requires": {"dtype": "fp16", "min_compute_capability": "8.0"}}},
+        )
+    # no live worker at all: that, not the dtype, is what to fix
+    with pytest.raises(NoCapableWorker, match="no live worker is registered"):
+        make_router({})("tasks.infer", ("cnn",), {}, {"headers": {"requires": {"dtype": "fp16"}}})
+
+
+# --- refresh before refusing ------------------------------------------------------------------
+
+
+class ScriptedStore:
+    """A registry store whose reads return ``reads`` in turn (the last one repeats)."""
+
+    def __init__(self, *reads: list[WorkerCapabilities] | Exception) -> None:
+        self.reads = list(reads)
+        self.loads = 0
+
+    def publish(self, caps: WorkerCapabilities, ttl_s: float) -> None:
+        raise NotImplementedError
+
+    def remove(self, name: str) -> None:
+        raise NotImplementedError
+
+    def load(self) -> list[WorkerCapabilities]:
+        self.loads += 1
+        read = self.reads[min(self.loads, len(self.reads)) - 1]
+        if isinstance(read, Exception):
+            raise read
+        return read
+
+
+def registry_router(store: ScriptedStore, clock: Clock) -> tuple[CapabilityRouter, LiveRegistry]:
+    """A router over a LiveRegistry on ``clock`` whose background refresher never fires."""
+    registry = LiveRegistry(store, ttl_s=4.0, refresh_s=3600, now=clock)  # heartbeat: 2 s
+    router = CapabilityRouter(registry.workers, reqs, StickyCache(now=clock))
+    router.registry = registry
+    return router, registry
+
+
+def test_a_stale_snapshot_is_refreshed_once_before_refusing() -> None:
+    clock = Clock()
+    live = worker("gpu0", heartbeat=clock.t + 2.5)
+    store = ScriptedStore([], [live])  # empty on the first read, the worker on the second
+    router, registry = registry_router(store, clock)
+    try:
+        # a fresh empty snapshot refuses, without another read
+        with pytest.raises(NoCapableWorker, match="no live worker is registered"):
+            router("tasks.infer", ("cnn",), {}, {})
+        assert store.loads == 1
+        clock.t += 2.5  # the snapshot is now older than a heartbeat interval
+        assert router("tasks.infer", ("cnn",), {}, {}) == {"queue": live.queue}
+        assert store.loads == 2 and router.stats.misses == 1 and router.stats.errors == 1
+        clock.t += 10  # stale again, but a decision that succeeds never reads the store
+        assert router("tasks.infer", ("cnn",), {}, {}) == {"queue": live.queue}
+        assert store.loads == 2
+    finally:
+        registry.close()
+
+
+def test_the_refresh_before_refusing_is_rate_limited() -> None:
+    clock = Clock()
+    store = ScriptedStore([], ConnectionError("registry down"))
+    router, registry = registry_router(store, clock)
+    try:
+        with pytest.raises(NoCapableWorker):
+            router("tasks.infer", ("cnn",), {}, {})  # first read: empty, and fresh
+        clock.t += 2.5  # stale; every read from now on fails, so it stays stale
+        for _ in range(3):
+            with pytest.raises(NoCapableWorker):
+                router("tasks.infer", ("cnn",), {}, {})
+        assert store.loads == 2  # one attempt for three refusals within the same instant
+        clock.t += 0.099
+        with pytest.raises(NoCapableWorker):
+            router("tasks.infer", ("cnn",), {}, {})
+        assert store.loads == 2  # still within 100 ms of that attempt
+        clock.t += 0.002
+        with pytest.raises(NoCapableWorker):
+            router("tasks.infer", ("cnn",), {}, {})
+        assert store.loads == 3  # 101 ms later: one more attempt
+        assert router.stats.errors == 6
+    finally:
+        registry.close()
+
+
+def test_a_renewed_snapshot_is_not_read_again_within_a_heartbeat() -> None:
+    clock = Clock()
+    store = ScriptedStore([])  # the fleet stays empty
+    router, registry = registry_router(store, clock)
+    try:
+        with pytest.raises(NoCapableWorker):
+            router("tasks.infer", ("cnn",), {}, {})
+        clock.t += 2.5
+        with pytest.raises(NoCapableWorker):
+            router("tasks.infer", ("cnn",), {}, {})
+        assert store.loads == 2  # renewed: fresh for another heartbeat interval
+        clock.t += 1.9
+        with pytest.raises(NoCapableWorker):
+            router("tasks.infer", ("cnn",), {}, {})
+        assert store.loads == 2
+        clock.t += 0.2
+        with pytest.raises(NoCapableWorker):
+            router("tasks.infer", ("cnn",), {}, {})
+        assert store.loads == 3
+    finally:
+        registry.close()
+
+
+def test_a_stale_cpu_only_snapshot_is_refreshed_before_unsupported_dtype() -> None:
+    clock = Clock()
+    cpu = replace(CPU, heartbeat=clock.t)
+    gpu = worker("gpu0", heartbeat=clock.t + 2.5)
+    store = ScriptedStore([cpu], [cpu, gpu])
+    router, registry = registry_router(store, clock)
+    fp16 = {"headers": {"requires": {"dtype": "fp16"}}}
+    try:
+        with pytest.raises(UnsupportedDtype, match=r"supported: fp32, bf16"):
+            router("tasks.infer", ("cnn",), {}, fp16)
+        clock.t += 2.5
+        assert router("tasks.infer", ("cnn",), {}, fp16) == {"queue": gpu.queue}
+        assert store.loads == 2
+    finally:
+        registry.close()
 
 
 # --- registry ---------------------------------------------------------------------------------
