@@ -11,6 +11,11 @@ its network and publishes the port on the host's loopback only).
 Flower's ``/metrics`` (Prometheus) and ``/healthcheck`` stay open, as Flower
 serves them, for scrapers and health checks; the dashboard and ``/api`` need
 the password.
+
+Flower runs in this process (celery's own command line, called here, not
+exec'd) so that :func:`tasks.ops.flower_api.install` can put its task API
+handlers in Flower's URL table first: a refused call answers 4xx with its
+typed error, a result shows as JSON with tensors summarised.
 """
 
 from __future__ import annotations
@@ -65,6 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         users = check_basic_auth(os.environ)
+        from tasks.ops import flower_api  # Flower and tornado: imported only to run Flower
+
+        flower_api.install()
     except ConfigurationError as e:
         print(f"flower: {e}", file=sys.stderr)
         return 2
@@ -73,9 +81,12 @@ def main(argv: list[str] | None = None) -> int:
         f"Flower on http://{args.address}:{args.port}/ for {', '.join(users)}: {' '.join(cmd)}",
         flush=True,
     )
-    # Run celery with this interpreter, so a virtualenv need not be on PATH.
-    os.execv(sys.executable, [sys.executable, "-m", "celery", *cmd[1:]])  # noqa: S606
-    return 1  # pragma: no cover - exec does not return
+    # celery's command line in this process (this interpreter, so a virtualenv need not be
+    # on PATH), with the handlers installed above; it exits with Flower's status.
+    from celery.bin.celery import celery
+
+    celery.main(args=cmd[1:], prog_name="celery", auto_envvar_prefix="CELERY")
+    return 1  # pragma: no cover - click's main exits
 
 
 if __name__ == "__main__":

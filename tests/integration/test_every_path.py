@@ -34,6 +34,7 @@ from celery import Celery
 from models import errors
 from tasks import app, infer
 from tasks.ops.launcher import WorkerProcess
+from tests.integration.flower_server import Flower, running_flower
 
 pytestmark = pytest.mark.integration
 Pair = tuple[WorkerProcess, WorkerProcess, str]
@@ -147,7 +148,7 @@ CASES: list[Case] = [
         errors.MalformedPayload,
     ),
 ]
-PATHS = ("bare", "send_task", "apply_async")
+PATHS = ("bare", "send_task", "apply_async", "flower")
 
 
 @pytest.fixture(scope="module")
@@ -170,6 +171,31 @@ def bare() -> Iterator[Celery]:
 
 
 @pytest.fixture(scope="module")
+def flower(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Flower]:
+    with running_flower(tmp_path_factory.mktemp("flower")) as f:
+        yield f
+
+
+class Refused(Exception):
+    """What Flower answered instead of a task id: the typed error's class and message."""
+
+    def __init__(self, status: int, error: str, message: str) -> None:
+        super().__init__(f"{status} {error}: {message}")
+        self.status, self.error, self.message = status, error, message
+
+
+def _flower_apply(flower: Flower, case: Case) -> Any:
+    body: dict[str, Any] = {"args": list(case.args), "kwargs": case.kwargs}
+    if case.headers:
+        body["headers"] = case.headers
+    status, _, text = flower.post("async-apply", body)
+    if status != 200:
+        answer = json.loads(text)  # never an empty body
+        raise Refused(status, answer["error"], answer["message"])
+    return app.AsyncResult(json.loads(text)["task-id"]).get(timeout=GET_TIMEOUT)
+
+
+@pytest.fixture(scope="module")
 def processes(pair: Pair) -> dict[str, set[int]]:
     """Each worker's parent and pool children, before the bad calls."""
     return {w.name: _tree(w) for w in pair[:2]}
@@ -180,7 +206,7 @@ def _tree(worker: WorkerProcess) -> set[int]:
     return {parent.pid, *(c.pid for c in parent.children(recursive=True))}
 
 
-def _send(path: str, case: Case, pair: Pair, bare: Celery) -> Callable[[], Any]:
+def _send(path: str, case: Case, pair: Pair, bare: Celery, flower: Flower) -> Callable[[], Any]:
     worker = pair[0] if case.args and case.args[:1] != ("transformer",) else pair[1]
     if path == "bare":
         return lambda: bare.send_task(
@@ -191,6 +217,8 @@ def _send(path: str, case: Case, pair: Pair, bare: Celery) -> Callable[[], Any]:
             queue=worker.own_queue,
             declare=[],  # the workers declare their queues; a plain producer only publishes
         ).get(timeout=GET_TIMEOUT)
+    if path == "flower":
+        return lambda: _flower_apply(flower, case)
     if path == "send_task":
         return lambda: app.send_task(
             "tasks.infer", args=case.args, kwargs=case.kwargs, headers=case.headers
@@ -203,15 +231,27 @@ def _send(path: str, case: Case, pair: Pair, bare: Celery) -> Callable[[], Any]:
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("case", CASES, ids=[c.label for c in CASES])
 def test_each_bad_call_gets_its_class(
-    pair: Pair, bare: Celery, processes: dict[str, set[int]], path: str, case: Case
+    pair: Pair,
+    bare: Celery,
+    flower: Flower,
+    processes: dict[str, set[int]],
+    path: str,
+    case: Case,
 ) -> None:
     if path == "bare" and case.not_bare:
         pytest.skip(case.not_bare)
-    call = _send(path, case, pair, bare)
-    with pytest.raises(errors.InferenceError) as caught:
+    if path == "flower" and not case.json_ok:
+        pytest.skip("Flower's API takes JSON, which cannot carry it")
+    call = _send(path, case, pair, bare, flower)
+    with pytest.raises((errors.InferenceError, Refused)) as caught:
         call()
-    assert type(caught.value) is case.error, (path, case.label, caught.value)
-    message = str(caught.value)
+    if isinstance(caught.value, Refused):  # Flower refused it at submit
+        assert 400 <= caught.value.status < 600, caught.value
+        name, message = caught.value.error, caught.value.message
+    else:
+        assert type(caught.value) is case.error, (path, case.label, caught.value)
+        name, message = type(caught.value).__name__, str(caught.value)
+    assert name == case.error.__name__, (path, case.label, message)
     assert message and len(message) < 600, message  # says what to do; echoes are cut short
 
 
