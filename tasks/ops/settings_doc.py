@@ -18,7 +18,7 @@ __all__ = ["REGENERATE", "settings_markdown"]
 REGENERATE = "python -m tasks.ops.settings_doc > docs/settings.md"
 
 _NAV = (
-    "[README](../README.md) · [routing](routing.md) · [batching](batching.md) · "
+    "[README](../README.md) · [errors](errors.md) · [routing](routing.md) · [batching](batching.md) · "
     "[guarantees](guarantees.md) · [operations](operations.md) · [benchmarks](benchmarks.md)"
 )
 
