@@ -100,13 +100,42 @@ def forward(
     """
     started = time.perf_counter()
     with torch.inference_mode():
-        x = torch.from_numpy(np.ascontiguousarray(batch)).to(device, non_blocking=True)
+        x = _model_input(batch, device)
         if x.is_floating_point():
             x = x.to(DTYPES[dtype])
         y = model(x).float().cpu()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return y.numpy(), (time.perf_counter() - started) * 1000.0
+
+
+def _model_input(batch: np.ndarray, device: torch.device) -> torch.Tensor:
+    """``batch`` as a tensor on ``device`` that the model may write to without harm.
+
+    A batch decoded straight from a message is a read-only view of the message's
+    immutable ``bytes`` (``np.frombuffer``); ``torch.from_numpy`` warns on it,
+    because a model that writes to its input in place (``x.relu_()``) would then
+    write into a ``bytes`` object: the request's own arguments, or CPython's
+    shared one-byte ``bytes`` singletons.  So the model never gets that memory:
+
+    - writable (decoded with a dtype conversion, or stacked by the batcher): a
+      view, as before, of memory made for this pass alone, no copy (a caller
+      that hands ``forward`` an array of its own lends it to the model);
+    - read-only, on CUDA: a DLPack view (no warning, no copy) that only feeds the
+      host-to-device copy, which is the one copy, as before; the model gets the
+      device tensor;
+    - read-only, on the CPU: one host copy.  Measured on this project's zoo (CPU,
+      one torch thread): 0.2 us over ``from_numpy`` for a 256 B MLP sample
+      (forward 58 us), 28 us for the largest input here, 64 CIFAR images of
+      768 KiB (forward 16.9 ms, 0.2%).  ``np.copy`` + ``from_numpy`` is the
+      cheapest safe way (0.6 us; a DLPack view alone costs 1.2 us).
+    """
+    batch = np.ascontiguousarray(batch)
+    if batch.flags.writeable:
+        return torch.from_numpy(batch).to(device, non_blocking=True)
+    if device.type == "cpu":
+        return torch.from_numpy(batch.copy())
+    return torch.from_dlpack(batch).to(device, non_blocking=True)
 
 
 def reference_forward(spec: ModelSpec, inputs: np.ndarray, weights_dir: Path) -> np.ndarray:

@@ -5,6 +5,10 @@ prefork child), publishing a :class:`~routing.capabilities.WorkerCapabilities`
 record with a TTL of two heartbeat intervals, so a dead worker drops out of
 every router's view within two intervals.  Load (``in_flight``) is the tasks
 running here plus the messages ready in this worker's own direct queue.
+The first beat is made in :meth:`Heartbeat.start` itself, synchronously, so
+in a prefork child it lands inside ``worker_process_init``, which the main
+process waits for before it starts consuming and logs "ready."
+(:class:`tasks.worker.lifecycle.FirstBeat`).
 """
 
 from __future__ import annotations

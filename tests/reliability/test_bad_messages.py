@@ -14,6 +14,7 @@ import numpy as np
 import pika
 import pytest
 
+from models.errors import MalformedMessage
 from routing.queues import dead_letter_queue
 from tasks.wire.codec import encode
 from tests.reliability.conftest import FleetFactory
@@ -65,7 +66,7 @@ def _drain(app: Any, queue: str, expect: int, timeout: float = 30.0) -> list[Any
 
 
 def test_malformed_messages(fleet: FleetFactory, tmp_path: Path) -> None:
-    """Scenario 8: each is dead-lettered and logged, no canary, worker up, 500 valid succeed."""
+    """Scenario 8: each is dead-lettered, logged and failed for its id; no canary; 500 valid succeed."""
     f = fleet(1)
     worker = f.workers[0]
     children = f.pool_children(worker)
@@ -104,8 +105,12 @@ def test_malformed_messages(fleet: FleetFactory, tmp_path: Path) -> None:
     assert "refused a message that cannot be decoded (DecodeError" in log  # not json
     assert "Refusing to deserialize untrusted content of type pickle" in log
     assert "application/text messages are refused" in log
-    assert "Received unregistered task of type 'tasks.no_such_task'" in log
-    assert "Received and deleted unknown message" in log
+    assert "refused a message that names an unregistered task; task 'tasks.no_such_task'" in log
+    assert "refused a message that is not a task" in log  # missing headers: no id, nothing stored
+    # Every one with an id in its headers: its caller's get() raises, typed (issue 13).
+    for task_id in ("bad-1", "bad-2", "bad-4", "bad-5"):
+        with pytest.raises(MalformedMessage):
+            f.app.AsyncResult(task_id).get(timeout=10)
     for i in range(500):
         f.ledger.send("tasks.infer", ("mlp", sample(i)), queue=f.queue)
     report = f.ledger.report(timeout=120, malformed=len(cases))

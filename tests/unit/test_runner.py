@@ -32,7 +32,10 @@ def test_cpu_precisions() -> None:
     assert resolve_dtype(None, mlp, CPU) == "fp32"
     assert resolve_dtype("auto", mlp, CPU) == "fp32"
     assert resolve_dtype("bf16", mlp, CPU) == "bf16"
-    with pytest.raises(UnsupportedDtype, match=r"not supported on cpu \(supported: fp32, bf16\): ask for fp32 or auto"):
+    with pytest.raises(
+        UnsupportedDtype,
+        match=r"not supported on cpu \(supported: fp32, bf16\): ask for fp32 or auto",
+    ):
         resolve_dtype("fp16", mlp, CPU)
     with pytest.raises(UnsupportedDtype, match="is not a precision: use fp32, fp16, bf16 or auto"):
         resolve_dtype("int8", mlp, CPU)
