@@ -67,6 +67,8 @@ class Case:
     headers: dict[str, Any] = field(default_factory=dict)
     json_ok: bool = True  # can Flower's JSON API carry it?
     not_bare: str = ""  # why a plain Celery client cannot make this mistake, if it cannot
+    task: str = "tasks.infer"
+    options: dict[str, Any] = field(default_factory=dict)  # publish options (serializer)
 
 
 CASES: list[Case] = [
@@ -147,6 +149,14 @@ CASES: list[Case] = [
         ("mlp", {"dtype": "float32", "shape": [64], "data": "%%%"}),
         errors.MalformedPayload,
     ),
+    # 6. Messages no worker can run: the worker stores MalformedMessage for their id.
+    Case(
+        "pickle serializer",
+        ("mlp", GOOD.tolist()),
+        errors.MalformedMessage,
+        options={"serializer": "pickle"},
+    ),
+    Case("unknown task name", ("mlp", GOOD.tolist()), errors.MalformedMessage, task="tasks.nope"),
 ]
 PATHS = ("bare", "send_task", "apply_async", "flower")
 
@@ -185,7 +195,7 @@ class Refused(Exception):
 
 
 def _flower_apply(flower: Flower, case: Case) -> Any:
-    body: dict[str, Any] = {"args": list(case.args), "kwargs": case.kwargs}
+    body: dict[str, Any] = {"args": list(case.args), "kwargs": case.kwargs, **case.options}
     if case.headers:
         body["headers"] = case.headers
     status, _, text = flower.post("async-apply", body)
@@ -210,22 +220,30 @@ def _send(path: str, case: Case, pair: Pair, bare: Celery, flower: Flower) -> Ca
     worker = pair[0] if case.args and case.args[:1] != ("transformer",) else pair[1]
     if path == "bare":
         return lambda: bare.send_task(
-            "tasks.infer",
+            case.task,
             args=case.args,
             kwargs=case.kwargs,
             headers=case.headers,
             queue=worker.own_queue,
             declare=[],  # the workers declare their queues; a plain producer only publishes
+            **case.options,
         ).get(timeout=GET_TIMEOUT)
     if path == "flower":
         return lambda: _flower_apply(flower, case)
     if path == "send_task":
+        # An unrouted task name needs a queue: the router routes only the project's tasks.
+        queue = {"queue": worker.own_queue} if case.task != "tasks.infer" else {}
         return lambda: app.send_task(
-            "tasks.infer", args=case.args, kwargs=case.kwargs, headers=case.headers
+            case.task,
+            args=case.args,
+            kwargs=case.kwargs,
+            headers=case.headers,
+            **queue,
+            **case.options,
         ).get(timeout=GET_TIMEOUT)
-    return lambda: infer.apply_async(case.args, case.kwargs, headers=case.headers).get(
-        timeout=GET_TIMEOUT
-    )
+    return lambda: infer.apply_async(
+        case.args, case.kwargs, headers=case.headers, **case.options
+    ).get(timeout=GET_TIMEOUT)
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -242,6 +260,8 @@ def test_each_bad_call_gets_its_class(
         pytest.skip(case.not_bare)
     if path == "flower" and not case.json_ok:
         pytest.skip("Flower's API takes JSON, which cannot carry it")
+    if path in ("apply_async", "flower") and case.task != "tasks.infer":
+        pytest.skip("infer.apply_async is tasks.infer; Flower answers 404 for a task it lacks")
     call = _send(path, case, pair, bare, flower)
     with pytest.raises((errors.InferenceError, Refused)) as caught:
         call()
