@@ -148,19 +148,39 @@ def test_other_errors_keep_flowers_answers(flower: Flower, unused_queue: str) ->
     assert (status, text) == (500, "")
 
 
+def _strings(value: Any) -> Iterator[str]:
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield from _strings(k)
+            yield from _strings(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _strings(v)
+
+
+def assert_no_raw_bytes(shown: Any) -> None:
+    """No string in Flower's answer is (or holds) a Python bytes repr: stock Flower's was."""
+    for text in _strings(shown):
+        assert "b'" not in text and 'b"' not in text and "\\x" not in text, text
+
+
 def test_results_show_tensor_summaries_and_typed_failures(
     flower: Flower, worker: WorkerProcess
 ) -> None:
+    with pytest.raises(AssertionError):  # what stock Flower showed is caught
+        assert_no_raw_bytes({"task-id": "5b", "result": "{'outputs': {'data': b'\\xce'}}"})
     body = {"args": ["mlp", [SAMPLE, SAMPLE]], "queue": worker.own_queue}
     status, _, text = flower.post("async-apply", body)
     assert status == 200, text
     task_id = json.loads(text)["task-id"]
-    raw, shown = flower.result(task_id)
+    _, shown = flower.result(task_id)
     assert shown["state"] == "SUCCESS", shown
     reply = shown["result"]
     assert reply["worker"] == worker.hostname and reply["model"] == "mlp"
     assert reply["outputs"] == {"dtype": "float32", "shape": [2, 10], "nbytes": 80}
-    assert "\\x" not in raw and "b'" not in raw and 'b"' not in raw
+    assert_no_raw_bytes(shown)
     # What the backend holds is raw bytes; Flower showed their summary.
     assert isinstance(app.AsyncResult(task_id).get(timeout=RESULT_WAIT)["outputs"]["data"], bytes)
 
@@ -176,8 +196,8 @@ def test_results_show_tensor_summaries_and_typed_failures(
     status, _, text = flower.post("send-task", bad)
     assert status == 200, text
     failed_id = json.loads(text)["task-id"]
-    raw, shown = flower.result(failed_id)
+    _, shown = flower.result(failed_id)
     assert shown["state"] == "FAILURE", shown
     assert shown["result"]["error"] == "ShapeMismatch"
     assert "shape [63]" in shown["result"]["message"], shown["result"]
-    assert "\\x" not in raw and "b'" not in raw
+    assert_no_raw_bytes(shown)
