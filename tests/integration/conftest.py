@@ -67,6 +67,33 @@ def eventually(check: Callable[[], Any], timeout: float = 60.0, what: str = "") 
         time.sleep(0.2)
 
 
+def publish_raw(
+    queue: str,
+    body: bytes,
+    content_type: str,
+    *,
+    encoding: str = "utf-8",
+    task: str = "tasks.diag.noop",
+    task_id: str | None = None,
+    headers: dict[str, Any] | None = None,
+) -> str:
+    """Publish ``body`` as it is (kombu, no serializer), with the headers Celery would give ``task``."""
+    task_id = task_id or str(uuid.uuid4())
+    message = app.amqp.as_task_v2(task_id, task, origin="tests")
+    with app.connection_for_write() as conn:
+        conn.Producer().publish(
+            body,
+            exchange="",
+            routing_key=queue,
+            content_type=content_type,
+            content_encoding=encoding,
+            headers=message.headers if headers is None else headers,
+            delivery_mode=2,
+            **message.properties,
+        )
+    return task_id
+
+
 def queue_depth(queue: str) -> int:
     """Ready + unacked messages of ``queue`` (a passive declare on RabbitMQ)."""
     with app.connection_for_write() as conn:

@@ -55,6 +55,17 @@ class Flower:
         except urllib.error.HTTPError as e:
             return e.code, e.headers.get("Content-Type", ""), e.read().decode()
 
+    def get(self, path: str, auth: bool = True) -> tuple[int, bytes]:
+        """(status, body) of a GET."""
+        status, _, text = self.call("GET", path, auth=auth)
+        return status, text.encode()
+
+    def api(self, path: str) -> Any:
+        """The JSON of a GET that must answer 200."""
+        status, _, text = self.call("GET", path)
+        assert status == 200, (path, status, text[:200])
+        return json.loads(text)
+
     def post(self, endpoint: str, body: Any, timeout: float = HTTP_TIMEOUT) -> tuple[int, str, str]:
         return self.call("POST", f"/api/task/{endpoint}/tasks.infer", body, timeout=timeout)
 

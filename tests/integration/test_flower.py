@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import base64
-import json
 import os
-import secrets
 import shutil
 import subprocess
 import sys
@@ -22,6 +20,7 @@ from tasks import infer
 from tasks.ops.demo import sample_inputs
 from tasks.ops.launcher import WorkerProcess, free_port
 from tests.integration.conftest import WorkerFactory, eventually
+from tests.integration.flower_server import Flower, running_flower
 
 ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = "/usr/bin/chromium"
@@ -39,20 +38,6 @@ def http(url: str, auth: tuple[str, str] | None = None) -> tuple[int, bytes]:
         return e.code, e.read()
 
 
-class Flower:
-    def __init__(self, proc: subprocess.Popen[bytes], port: int, auth: tuple[str, str]) -> None:
-        self.proc, self.port, self.auth = proc, port, auth
-        self.url = f"http://127.0.0.1:{port}"
-
-    def get(self, path: str, auth: bool = True) -> tuple[int, bytes]:
-        return http(self.url + path, self.auth if auth else None)
-
-    def api(self, path: str) -> Any:
-        status, body = self.get(path)
-        assert status == 200, (path, status, body[:200])
-        return json.loads(body)
-
-
 @pytest.fixture
 def worker(worker_factory: WorkerFactory, run_id: str) -> WorkerProcess:
     name = f"fl-{run_id}"
@@ -61,40 +46,8 @@ def worker(worker_factory: WorkerFactory, run_id: str) -> WorkerProcess:
 
 @pytest.fixture
 def flower(tmp_path: Path) -> Iterator[Flower]:
-    port = free_port()
-    auth = ("operator", secrets.token_urlsafe(12))
-    env = {**os.environ, "FLOWER_BASIC_AUTH": f"{auth[0]}:{auth[1]}"}
-    log = (tmp_path / "flower.log").open("wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tasks.ops.flower", "--port", str(port)],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    f = Flower(proc, port, auth)
-    try:
-        eventually(
-            lambda: proc.poll() is None and _up(f),
-            timeout=60,
-            what=f"Flower answering /healthcheck; log: {tmp_path / 'flower.log'}",
-        )
+    with running_flower(tmp_path) as f:
         yield f
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
-        log.close()
-
-
-def _up(f: Flower) -> bool:
-    try:
-        return f.get("/healthcheck", auth=False)[0] == 200
-    except OSError:
-        return False
 
 
 def test_flower_refuses_to_start_without_a_password() -> None:

@@ -24,7 +24,7 @@ from models.errors import MalformedMessage, UnknownModel
 from routing.queues import dead_letter_queue, direct_queue
 from tasks import app
 from tasks.ops.launcher import WorkerProcess
-from tests.integration.conftest import WorkerFactory
+from tests.integration.conftest import WorkerFactory, publish_raw
 
 pytestmark = pytest.mark.integration
 
@@ -37,32 +37,6 @@ class Canary:
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (open, (str(self.path), "w"))
-
-
-def _publish(
-    queue: str,
-    body: bytes,
-    content_type: str,
-    *,
-    task: str = "tasks.diag.noop",
-    task_id: str | None = None,
-    headers: dict[str, Any] | None = None,
-) -> str:
-    """Publish ``body`` as it is, with the headers Celery would give ``task`` (unless given)."""
-    task_id = task_id or str(uuid.uuid4())
-    message = app.amqp.as_task_v2(task_id, task, origin="test_malformed_messages")
-    with app.connection_for_write() as conn:
-        conn.Producer().publish(
-            body,
-            exchange="",
-            routing_key=queue,
-            content_type=content_type,
-            content_encoding="utf-8",
-            headers=message.headers if headers is None else headers,
-            delivery_mode=2,
-            **message.properties,
-        )
-    return task_id
 
 
 def _dead_letters(queue: str, expect: int, timeout: float = 30.0) -> list[Any]:
@@ -161,7 +135,7 @@ def test_refused_messages_fail_their_callers(
     children = _children(worker)
     canary = tmp_path / "canary"
     ids = {
-        case: _publish(queue, body(canary), content_type, task=task)
+        case: publish_raw(queue, body(canary), content_type, task=task)
         for case, (body, content_type, task, _) in CASES.items()
     }
     # What Flower's async-apply with {"serializer": "pickle"} sends: a stock Celery publish.
@@ -200,13 +174,13 @@ def test_messages_without_a_readable_id_are_only_dead_lettered(
 ) -> None:
     worker, queue = _started(worker_factory, run_id, "b")
     body = JSON_TASK.encode()
-    no_headers = _publish(queue, body, "application/json", headers={})
+    no_headers = publish_raw(queue, body, "application/json", headers={})
     # Protocol 1 keeps the id in the body: refused without reading it, so nothing is stored.
     proto1_id = str(uuid.uuid4())
     proto1 = json.dumps({"task": "tasks.diag.noop", "id": proto1_id, "args": [], "kwargs": {}})
-    _publish(queue, proto1.encode(), "application/x-python-serialize", headers={})
+    publish_raw(queue, proto1.encode(), "application/x-python-serialize", headers={})
     # An id, but no task name: not protocol 2.
-    half = _publish(queue, body, "application/x-yaml", headers={"id": str(uuid.uuid4())})
+    half = publish_raw(queue, body, "application/x-yaml", headers={"id": str(uuid.uuid4())})
     assert len(_dead_letters(queue, 3)) == 3
     for task_id in (no_headers, proto1_id, half):
         assert app.AsyncResult(task_id).state == "PENDING"
@@ -219,10 +193,12 @@ def test_a_stored_result_is_never_overwritten(worker_factory: WorkerFactory, run
     worker, queue = _started(worker_factory, run_id, "c")
     done = app.send_task("tasks.diag.noop", queue=queue)
     assert done.get(timeout=30)["worker"] == worker.hostname
-    again = _publish(queue, pickle.dumps(None), "application/x-python-serialize", task_id=done.id)
+    again = publish_raw(
+        queue, pickle.dumps(None), "application/x-python-serialize", task_id=done.id
+    )
     ignored = str(uuid.uuid4())
     headers = {**app.amqp.as_task_v2(ignored, "tasks.diag.noop").headers, "ignore_result": True}
-    _publish(queue, b"{bad", "application/json", task_id=ignored, headers=headers)
+    publish_raw(queue, b"{bad", "application/json", task_id=ignored, headers=headers)
     assert len(_dead_letters(queue, 2)) == 2
     assert app.AsyncResult(again).state == "SUCCESS"
     assert app.AsyncResult(ignored).state == "PENDING"
@@ -237,7 +213,7 @@ def test_a_refused_remote_control_message_is_ignored(
     worker, queue = _started(worker_factory, run_id, "d")
     host = worker.hostname
     # Straight into this worker's own no-ack pidbox queue (the broadcast exchange reaches all).
-    task_id = _publish(
+    task_id = publish_raw(
         f"{host}.celery.pidbox", pickle.dumps(None), "application/x-python-serialize"
     )
     deadline = time.monotonic() + 15

@@ -18,7 +18,6 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +35,7 @@ from tasks import app
 from tasks.ops.launcher import WorkerProcess
 from tasks.wire.signing import CERT_FILE, KEY_FILE, init
 from tasks.wire.topology import remove_topology
-from tests.integration.conftest import queue_depth
+from tests.integration.conftest import publish_raw, queue_depth
 
 pytestmark = pytest.mark.integration
 
@@ -166,24 +165,6 @@ def _run_client(s: Signed, **spec: Any) -> dict[str, Any]:
     return report
 
 
-def _publish(queue: str, body: bytes, content_type: str, encoding: str) -> str:
-    """Publish a tasks.diag.noop message raw (kombu, no serializer) with Celery's own headers."""
-    task_id = str(uuid.uuid4())
-    message = app.amqp.as_task_v2(task_id, "tasks.diag.noop", origin="test_signing")
-    with app.connection_for_write() as conn:
-        conn.Producer().publish(
-            body,
-            exchange="",
-            routing_key=queue,
-            content_type=content_type,
-            content_encoding=encoding,
-            headers=message.headers,
-            delivery_mode=2,
-            **message.properties,
-        )
-    return task_id
-
-
 def _task_body() -> list[Any]:
     return list(app.amqp.as_task_v2("x", "tasks.diag.noop").body)  # [args, kwargs, embed]
 
@@ -234,9 +215,13 @@ def test_unsigned_messages_are_refused(signed: Signed) -> None:
     body = _task_body()
     # A stock Celery client without the key: this test process's own (unsigned) app.
     unsigned = app.send_task("tasks.diag.noop", queue=signed.queue).id
-    as_json = _publish(signed.queue, json.dumps(body).encode(), "application/json", "utf-8")
+    as_json = publish_raw(
+        signed.queue, json.dumps(body).encode(), "application/json", encoding="utf-8"
+    )
     # kombu trusts application/text whatever `accept` says; tasks.wire.codec refuses it.
-    as_text = _publish(signed.queue, json.dumps(body).encode(), "application/text", "utf-8")
+    as_text = publish_raw(
+        signed.queue, json.dumps(body).encode(), "application/text", encoding="utf-8"
+    )
     ids = [unsigned, as_json, as_text]
     assert _dead_letters(signed, len(ids)) == dict.fromkeys(ids, "rejected")
     _never_ran(signed, ids)
@@ -277,15 +262,17 @@ def test_forged_messages_are_refused(signed: Signed) -> None:
         return base64.b64encode(SEP.join({**fields, **replace}.values()))
 
     # An untrusted certificate with the worker's own name.
-    forged = _publish(signed.queue, signed_as(rogue), "application/data", "utf-8")
+    forged = publish_raw(signed.queue, signed_as(rogue), "application/data", encoding="utf-8")
     # The trusted certificate's id on the rogue key's signature.
     claimed_as = signed_as(rogue, signer=base64.b64encode(trusted_id))
-    claimed = _publish(signed.queue, claimed_as, "application/data", "utf-8")
+    claimed = publish_raw(signed.queue, claimed_as, "application/data", encoding="utf-8")
     # A genuinely signed message whose body was altered afterwards.
     altered_body = signed_as(trusted, body=msgpack.packb([[], {"seconds": 1}, body[2]]))
-    altered = _publish(signed.queue, altered_body, "application/data", "utf-8")
+    altered = publish_raw(signed.queue, altered_body, "application/data", encoding="utf-8")
     # Unsigned msgpack labelled as signed.
-    relabelled = _publish(signed.queue, msgpack.packb(body), "application/data", "binary")
+    relabelled = publish_raw(
+        signed.queue, msgpack.packb(body), "application/data", encoding="binary"
+    )
     ids = [forged, claimed, altered, relabelled]
     assert _dead_letters(signed, len(ids)) == dict.fromkeys(ids, "rejected")
     _never_ran(signed, ids)
@@ -293,7 +280,7 @@ def test_forged_messages_are_refused(signed: Signed) -> None:
     for task_id in (claimed, altered, relabelled):
         assert "DecodeError: Unable to deserialize" in _refusal(signed, task_id)
     # (d) the genuine signer still gets through, to the same worker and pool child.
-    good = _publish(signed.queue, signed_as(trusted), "application/data", "utf-8")
+    good = publish_raw(signed.queue, signed_as(trusted), "application/data", encoding="utf-8")
     assert app.AsyncResult(good).get(timeout=60)["worker"] == signed.worker.hostname
     _run_client(signed)
     assert signed.worker.alive() and signed.children() == children
