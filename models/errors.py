@@ -29,6 +29,7 @@ echoed through :func:`echo`, which cuts it short.
     ├── ModelTooLarge              a model does not fit the cache budget at all
     ├── NoCapableWorker            no live worker can serve the request (routing)
     ├── ChunkFailed                one chunk of an infer_many job failed (names its range)
+    ├── PublishFailed              pipelined publishes not confirmed by the broker (names their task ids)
     └── TaskCrashed                the task killed its worker on every delivery: dead-lettered
 """
 
@@ -54,6 +55,7 @@ __all__ = [
     "NonFiniteInput",
     "NonNumericInput",
     "PayloadTooLarge",
+    "PublishFailed",
     "RequestError",
     "ShapeMismatch",
     "TaskCrashed",
@@ -180,6 +182,16 @@ class NoCapableWorker(InferenceError):
 
 class ChunkFailed(InferenceError):
     """One chunk of an ``infer_many`` job failed; the message names its input range."""
+
+
+class PublishFailed(InferenceError):
+    """Messages of one pipelined publish were nacked, unconfirmed in time, or never sent.
+
+    ``task_ids`` holds every such id (the message names the first few); the
+    other messages of the call are confirmed and will run.
+    """
+
+    task_ids: tuple[str, ...] = ()
 
 
 class TaskCrashed(InferenceError):

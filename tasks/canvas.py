@@ -4,6 +4,9 @@
 ``batch_size`` samples, sends one ``tasks.infer`` per chunk (a ``group``, each
 routed by the capability router), and joins them with a ``chord`` whose body,
 ``tasks.gather``, concatenates the outputs in the original order on a worker.
+The chunks are published with pipelined confirms (:mod:`tasks.client.publish`):
+all are sent, then their confirms collected together, and ``infer_many``
+returns once every chunk is confirmed (else :class:`PublishFailed` names them).
 Every chunk is checked before anything is published, so a bad input raises
 its typed error (naming the index range) with nothing sent.
 
@@ -25,19 +28,21 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from celery import chord
+from celery import Signature, group
 from celery.result import AsyncResult, GroupResult
+from celery.utils import uuid
 
 from models.errors import ChunkFailed, RequestError
 from models.registry import get_spec
 from models.validation import check_input
 from tasks.app import app
+from tasks.client.publish import publish_many
 from tasks.client.results import outputs
 from tasks.inference import infer
 from tasks.wire.codec import NO_LIMIT, decode, encode
 from tasks.wire.request import as_array
 
-__all__ = ["ManyResult", "gather", "infer_many"]
+__all__ = ["ManyResult", "gather", "infer_many", "publish_chord"]
 
 
 @app.task(name="tasks.gather")
@@ -115,6 +120,29 @@ def infer_many(
             check_input(spec, array[lo:hi], limit)
         except RequestError as e:
             raise type(e)(f"inputs [{lo}:{hi}]: {e}") from e
-    header = [infer.s(model, array[lo:hi], dtype).set(**options) for lo, hi in ranges]
-    body = chord(header)(gather.s())
-    return ManyResult(body, body.parent, ranges)
+    return publish_chord(
+        [infer.s(model, array[lo:hi], dtype).set(**options) for lo, hi in ranges], ranges
+    )
+
+
+def publish_chord(header: list[Signature], ranges: list[tuple[int, int]]) -> ManyResult:
+    """``chord(header)(gather.s())``, its header published with pipelined confirms.
+
+    The steps of Celery's ``chord.run`` for a flat header: freeze the body and
+    the header (each header task carries the body), ``backend.apply_chord``,
+    then ``group.apply_async`` given the pipelined producer
+    (``chord.apply_async`` takes no producer to pass on).
+    """
+    group_id = uuid()
+    body = gather.s()
+    body_result = body.freeze(uuid(), group_id=group_id)
+    tasks = group(header, app=app, task_id=group_id)
+    frozen = tasks.freeze(group_id=group_id, chord=body)
+    app.backend.apply_chord((frozen.id, frozen.results), body)
+
+    def send_all(producer: Any) -> GroupResult:
+        return tasks.apply_async(producer=producer, task_id=group_id, retry=False)
+
+    header_result, _ = publish_many(app, send_all, [str(r.id) for r in frozen.results])
+    body_result.parent = header_result
+    return ManyResult(body_result, header_result, ranges)

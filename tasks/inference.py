@@ -15,6 +15,11 @@ With dynamic batching on (``INFER_BATCHING``, threads pool), a one-sample
 request may share its forward pass with others: ``forward_batch`` says with
 how many, and ``compute_ms`` is that whole pass.
 
+``infer.map(model, samples, dtype=None, **options)`` sends one request per
+sample with pipelined publisher confirms (:mod:`tasks.client.publish`) and
+returns a :class:`~tasks.client.publish.MapResult` whose ``get()`` is the
+replies in input order.
+
 Bad requests raise a :class:`models.errors.RequestError` subclass; Celery
 records it as the task's failure (no retry: retrying cannot help) and the
 worker carries on with the next message.
@@ -25,10 +30,13 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from models.errors import RequestError
+from celery.utils import uuid
+
+from models.errors import BadArguments, RequestError
 from models.registry import get_spec
 from models.validation import check_size
 from tasks.app import SENT_AT_HEADER, app
+from tasks.client.publish import DEFAULT_WINDOW, MapResult, publish_many
 from tasks.wire.codec import encode, to_array
 from tasks.wire.request import check_dtype, checked_inputs, infer_call
 from tasks.worker.dedup import IdempotentTask
@@ -62,6 +70,58 @@ class InferenceTask(IdempotentTask):
         serializer = options.get("serializer") or app.infer_settings.serializer
         args, kwargs = prepare_request(args, kwargs, serializer)
         return super().apply_async(args, kwargs, **options)
+
+    def map(  # replaces Celery's Task.map (an xmap signature of celery.map)
+        self,
+        model: str,
+        samples: Any,
+        dtype: str | None = None,
+        *,
+        window: int = DEFAULT_WINDOW,
+        confirm_timeout: float = 30.0,
+        **options: Any,
+    ) -> MapResult:
+        """One ``infer`` request per sample, published pipelined; returns once all are confirmed.
+
+        ``samples`` is a sequence of samples, or an array or tensor whose first
+        axis indexes them.  Each message is the one ``apply_async((model,
+        sample), **options)`` (``(model, sample, dtype)`` with a dtype) would
+        publish.  Every sample is checked first: a bad one raises its typed
+        error naming its index, with nothing published.  Nacked or
+        unconfirmed messages raise :class:`~models.errors.PublishFailed`
+        naming their task ids.  ``window`` bounds the unconfirmed messages,
+        ``confirm_timeout`` each wait for confirms (seconds).
+        """
+        if isinstance(samples, str | bytes | dict) or not hasattr(samples, "__len__"):
+            raise BadArguments(
+                f"infer.map takes a sequence of samples (or an array whose first axis indexes them), "
+                f"got {type(samples).__name__}: use infer.apply_async for one sample or one batch"
+            )
+        if len(samples) == 0:
+            raise RequestError("infer.map needs at least one sample")
+        serializer = options.get("serializer") or app.infer_settings.serializer
+        calls = []
+        for index in range(len(samples)):  # check every sample before publishing any
+            try:
+                call = (model, samples[index]) if dtype is None else (model, samples[index], dtype)
+                calls.append(prepare_request(call, None, serializer))
+            except RequestError as e:
+                raise type(e)(f"samples[{index}]: {e}") from e
+        if "task_id" in options:
+            raise BadArguments("infer.map gives each request its own task id: do not pass task_id")
+        ids = [uuid() for _ in calls]
+        apply_async = super().apply_async  # Celery's own: routing, message, signals
+
+        def send_all(producer: Any) -> list[Any]:
+            return [
+                apply_async(args, kwargs, task_id=i, producer=producer, retry=False, **options)
+                for i, (args, kwargs) in zip(ids, calls, strict=True)
+            ]
+
+        results, timing = publish_many(
+            app, send_all, ids, window=window, confirm_timeout=confirm_timeout
+        )
+        return MapResult(results, timing, app=app)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         # In the worker (and a direct call): a send_task of any shape reaches here, never a
