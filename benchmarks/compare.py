@@ -2,9 +2,16 @@
 
 Checks the shape first: the same lane names, the same keys in each lane, the
 same ratio keys (exit status 1 when any differs).  Then each lane's headline
-figures and every ratio, before and after, with the change; a change beyond
-``--tolerance`` (a fraction, default 0.25) is marked ``!`` (figures of two
-runs on a busy machine move: the mark is a pointer, not a verdict).
+figures and every ratio, before and after, with the change.  A change is
+marked ``!`` when it exceeds what the rounds of the two runs already spread
+over: where both files record the figure's value in each round (the lane's
+``per_round``), when ``|after - before|`` exceeds ``--spread`` (default 1) times
+the combined spread, the sum of each file's max - min across its rounds
+(column ``basis``: ``spread`` and that threshold).  Where either file has no
+per-round values for a figure (results files older than ``per_round``, and
+every ratio, which is computed from medians), it falls back to the fixed
+``--tolerance`` (a fraction, default 0.25; basis ``tol``), and says so.  The
+mark is a pointer, not a verdict.
 """
 
 from __future__ import annotations
@@ -12,10 +19,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["HEADLINE", "compare", "main"]
+__all__ = ["HEADLINE", "Rule", "compare", "main", "significant"]
 
 HEADLINE = (
     "rtt_ms.p50",
@@ -29,7 +37,32 @@ HEADLINE = (
     "sticky_hit_rate",
     "by_batch.1",
     "by_batch.64",
+    "cpu_ms_per_request.total",
 )
+
+
+@dataclass(frozen=True)
+class Rule:
+    """When a change counts: beyond ``spread`` x the rounds' combined spread, else ``tolerance``."""
+
+    tolerance: float = 0.25  # fraction of before, where a file has no per-round values
+    spread: float = 1.0  # multiple of (max - min of before's rounds) + (max - min of after's)
+
+
+def _range(values: Any) -> float | None:
+    if not isinstance(values, list) or len(values) < 2:
+        return None
+    nums = [v for v in values if isinstance(v, int | float)]
+    return float(max(nums) - min(nums)) if len(nums) == len(values) else None
+
+
+def significant(a: float, b: float, rounds_a: Any, rounds_b: Any, rule: Rule) -> tuple[bool, str]:
+    """Whether ``a -> b`` is a real change, and its basis (``spread X`` or ``tol X%``)."""
+    ra, rb = _range(rounds_a), _range(rounds_b)
+    if ra is not None and rb is not None:
+        threshold = rule.spread * (ra + rb)
+        return abs(b - a) > threshold, f"spread {threshold:,.3f}"
+    return bool(a) and abs((b - a) / a) > rule.tolerance, f"tol {rule.tolerance:.0%}"
 
 
 def _get(lane: dict[str, Any], dotted: str) -> Any:
@@ -39,15 +72,16 @@ def _get(lane: dict[str, Any], dotted: str) -> Any:
     return value
 
 
-def _row(name: str, a: Any, b: Any, tolerance: float) -> str:
+def _row(name: str, a: Any, b: Any, rule: Rule, rounds_a: Any = None, rounds_b: Any = None) -> str:
     def fmt(v: Any) -> str:
         return "-" if v is None else f"{v:,.3f}" if isinstance(v, float) else str(v)
 
-    change, mark = "", ""
+    change, mark, basis = "", "", ""
     if isinstance(a, int | float) and isinstance(b, int | float) and a:
-        delta = (b - a) / abs(a)
-        change, mark = f"{delta:+.1%}", "!" if abs(delta) > tolerance else ""
-    return f"  {name:52} {fmt(a):>14} {fmt(b):>14} {change:>9} {mark}"
+        change = f"{(b - a) / abs(a):+.1%}"
+        real, basis = significant(a, b, rounds_a, rounds_b, rule)
+        mark = "!" if real else ""
+    return f"  {name:52} {fmt(a):>14} {fmt(b):>14} {change:>9} {mark:1} {basis}".rstrip()
 
 
 def _shape(label: str, before: set[str], after: set[str]) -> list[str]:
@@ -59,8 +93,14 @@ def _shape(label: str, before: set[str], after: set[str]) -> list[str]:
     return out
 
 
-def compare(before: dict[str, Any], after: dict[str, Any], tolerance: float) -> tuple[bool, str]:
-    """Whether the two files have the same shape, and the side-by-side text."""
+def compare(
+    before: dict[str, Any], after: dict[str, Any], rule: Rule | float = Rule()
+) -> tuple[bool, str]:
+    """Whether the two files have the same shape, and the side-by-side text.
+
+    ``rule``: a :class:`Rule`, or a bare tolerance (a fraction) with the default spread.
+    """
+    rule = rule if isinstance(rule, Rule) else Rule(tolerance=rule)
     lb, la = before["lanes"], after["lanes"]
     shape = _shape("lanes", set(lb), set(la)) + _shape(
         "ratios", set(before["ratios"]), set(after["ratios"])
@@ -69,16 +109,27 @@ def compare(before: dict[str, Any], after: dict[str, Any], tolerance: float) -> 
         shape += _shape(f"{name} keys", set(lb[name]), set(la[name]))
     lines = ["shape: " + ("same lanes, lane keys and ratio keys" if not shape else "DIFFERENT")]
     lines += shape
-    lines.append(f"  {'figure':52} {'before':>14} {'after':>14} {'change':>9}")
+    for label, data in (("before", before), ("after", after)):
+        if not any("per_round" in lane for lane in data["lanes"].values()):
+            lines.append(
+                f"{label} has no per-round figures: its lanes are judged with the fixed "
+                f"tolerance {rule.tolerance:.0%}"
+            )
+    lines.append(
+        f"! = change beyond {rule.spread:g} x the rounds' combined spread (max - min of each "
+        f"file), or {rule.tolerance:.0%} where a file has no per-round figure (ratios always)"
+    )
+    lines.append(f"  {'figure':52} {'before':>14} {'after':>14} {'change':>9}   basis")
     for name in (n for n in lb if n in la):
         lines.append(f"{name}")
+        per_before, per_after = lb[name].get("per_round", {}), la[name].get("per_round", {})
         for key in HEADLINE:
             a, b = _get(lb[name], key), _get(la[name], key)
             if a is not None or b is not None:
-                lines.append(_row(key, a, b, tolerance))
+                lines.append(_row(key, a, b, rule, per_before.get(key), per_after.get(key)))
     lines.append("ratios")
     for key in before["ratios"]:
-        lines.append(_row(key, before["ratios"][key], after["ratios"].get(key), tolerance))
+        lines.append(_row(key, before["ratios"][key], after["ratios"].get(key), rule))
     return not shape, "\n".join(lines)
 
 
@@ -86,10 +137,23 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks compare", description=__doc__)
     parser.add_argument("before", type=Path)
     parser.add_argument("after", type=Path)
-    parser.add_argument("--tolerance", type=float, default=0.25, help="mark changes beyond this")
+    parser.add_argument(
+        "--tolerance",
+        type=float,
+        default=0.25,
+        help="without per-round figures: mark changes beyond this fraction",
+    )
+    parser.add_argument(
+        "--spread",
+        type=float,
+        default=1.0,
+        help="with per-round figures: mark changes beyond this multiple of the combined spread",
+    )
     args = parser.parse_args(argv)
     same, text = compare(
-        json.loads(args.before.read_text()), json.loads(args.after.read_text()), args.tolerance
+        json.loads(args.before.read_text()),
+        json.loads(args.after.read_text()),
+        Rule(tolerance=args.tolerance, spread=args.spread),
     )
     print(f"{args.before} -> {args.after}")
     print(text)

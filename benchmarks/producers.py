@@ -6,14 +6,17 @@ worker can serve, and the window phase then measures the client.  The
 saturation phase (``--producers N``) runs N of these processes at once against
 one worker.  Each one warms up, prints ``READY``, waits for ``GO`` on stdin,
 sends ``--requests`` tasks with ``--window`` in flight, and prints one JSON
-line: ``{"sent", "errors", "started", "ended"}`` (``time.time()``, so the parent
-can take the span over all producers on this host).
+line: ``{"sent", "errors", "started", "ended", "cpu_s", "warm_up"}`` (``time.time()``,
+so the parent can take the span over all producers on this host; ``cpu_s``: this
+process's CPU seconds from GO to the end, for the lanes' CPU accounting;
+``warm_up``: the requests it sent before READY).
 
 Written here rather than with a load tool (locust and the like) because the
 load must be real ``apply_async`` calls through the deployment's own app.
 
 The parent side is :class:`Saturation`: a lane that has one runs it after each
-round's window phase when the plan asks for producers (``saturated_req_s``).
+round's window phase when the plan asks for producers (``saturated_req_s``);
+:meth:`Saturation.run` returns a :class:`SaturationResult`.
 """
 
 from __future__ import annotations
@@ -27,9 +30,17 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["SATURATION_IN_FLIGHT", "Saturation", "main", "request_input"]
+__all__ = [
+    "SATURATION_IN_FLIGHT",
+    "WARM_UP",
+    "Saturation",
+    "SaturationResult",
+    "main",
+    "request_input",
+]
 
 SATURATION_IN_FLIGHT = 64  # requests in flight in all, over every producer (a full batch)
+WARM_UP = 3  # requests each producer sends before READY
 
 
 def request_input(model: str) -> Any:
@@ -53,6 +64,15 @@ def _submit_fn(task: str, model: str, queue: str) -> Any:
 
 
 @dataclass(frozen=True)
+class SaturationResult:
+    """One saturation phase: its rate, the requests the worker served, the producers' CPU."""
+
+    req_s: float  # measured requests/s over every producer
+    served: int  # every request sent, the producers' warm-up included
+    client_cpu_s: float  # the producers' CPU seconds over the measured sends
+
+
+@dataclass(frozen=True)
 class Saturation:
     """The saturation phase of one lane: ``task`` on ``model`` sent to one worker's own ``queue``."""
 
@@ -61,8 +81,8 @@ class Saturation:
     queue: str
     window: int = SATURATION_IN_FLIGHT
 
-    def run(self, producers: int, requests: int) -> float:
-        """Requests/s of ``producers`` processes sending ``requests`` in all, ``window`` in flight."""
+    def run(self, producers: int, requests: int) -> SaturationResult:
+        """``producers`` processes sending ``requests`` in all, ``window`` in flight."""
         each_window = max(1, self.window // producers)
         each = max(each_window, requests // producers)
         argv = [sys.executable, "-m", "benchmarks.producers", "--task", self.task]
@@ -97,7 +117,12 @@ class Saturation:
         if errors:
             raise RuntimeError(f"saturation phase: {errors} of {each * producers} requests failed")
         span = max(r["ended"] for r in reports) - min(r["started"] for r in reports)
-        return float(sum(r["sent"] for r in reports) / span)
+        sent = sum(r["sent"] for r in reports)
+        return SaturationResult(
+            req_s=float(sent / span),
+            served=sent + sum(r["warm_up"] for r in reports),
+            client_cpu_s=float(sum(r["cpu_s"] for r in reports)),
+        )
 
 
 def _expect(proc: subprocess.Popen[str], prefix: str) -> str:
@@ -120,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     submit = _submit_fn(args.task, args.model, args.queue)
-    for _ in range(3):  # connections, result consumer, the worker's first requests
+    for _ in range(WARM_UP):  # connections, result consumer, the worker's first requests
         submit().get(timeout=60)
     print("READY", flush=True)
     if sys.stdin.readline().strip() != "GO":
@@ -135,18 +160,16 @@ def main(argv: list[str] | None = None) -> int:
         except Exception:  # counted and reported: the parent fails the round on any error
             errors += 1
 
-    started = time.time()
+    started, cpu_started = time.time(), time.process_time()
     for _ in range(args.requests):
         if len(in_flight) >= args.window:
             settle()
         in_flight.append(submit())
     while in_flight:
         settle()
-    ended = time.time()
-    print(
-        json.dumps({"sent": args.requests, "errors": errors, "started": started, "ended": ended}),
-        flush=True,
-    )
+    ended, cpu_s = time.time(), time.process_time() - cpu_started
+    report = {"sent": args.requests, "errors": errors, "started": started, "ended": ended}
+    print(json.dumps({**report, "cpu_s": cpu_s, "warm_up": WARM_UP}), flush=True)
     return 0
 
 

@@ -25,6 +25,12 @@ def ratios(lanes: dict[str, Any]) -> dict[str, float | None]:
     def tput(name: str) -> float | None:
         return lanes.get(name, {}).get("throughput_per_s")
 
+    def worker_cpu(name: str) -> float | None:  # worker main + pool child, ms per request
+        cpu = lanes.get(name, {}).get("cpu_ms_per_request", {})
+        if "worker_main" not in cpu:
+            return None
+        return float(cpu["worker_main"] + cpu.get("worker_child", 0.0))
+
     batched = lanes.get("deployment_infer_batched", {})
     in_process = lanes.get("in_process", {}).get("by_batch", {})
     infer_rate = lanes.get("deployment_infer", {}).get("samples_per_s")
@@ -68,4 +74,9 @@ def ratios(lanes: dict[str, Any]) -> dict[str, float | None]:
         ),
         "deployment_infer_vs_in_process_batch1_samples": ratio(infer_rate, in_process.get("1")),
         "deployment_infer_vs_in_process_batch64_samples": ratio(infer_rate, in_process.get("64")),
+        # CPU accounting (benchmarks/cpu.py): CPU ms per request, median of rounds.
+        "batched_vs_infer_worker_cpu_per_request": ratio(
+            worker_cpu("deployment_infer_batched"), worker_cpu("deployment_infer")
+        ),
+        "batched_total_cpu_ms_per_request": batched.get("cpu_ms_per_request", {}).get("total"),
     }

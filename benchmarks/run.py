@@ -81,6 +81,19 @@ def build_lanes(plan: Plan, ctx: LaneContext) -> list[Lane]:
     return [lane for cls in chosen if (lane := cls.build(ctx)) is not None]
 
 
+def _close_all(lanes: list[Lane]) -> None:
+    """Close every lane, even when one fails to (its peers would outlive the run and take
+    routed requests of later runs); then raise the first failure."""
+    errors: list[Exception] = []
+    for lane in lanes:
+        try:
+            lane.close()
+        except Exception as exc:  # e.g. the broker dropped the lane's connection
+            errors.append(exc)
+    if errors:
+        raise errors[0]
+
+
 def run(plan: Plan) -> tuple[dict[str, Any], dict[str, list[float]]]:
     """Run the plan; return the results file content and the pooled latency samples."""
     settings = app.infer_settings
@@ -112,8 +125,7 @@ def run(plan: Plan) -> tuple[dict[str, Any], dict[str, list[float]]]:
         for lane in lanes:
             memory[lane.name] = lane.rss_mb()
     finally:
-        for lane in lanes:
-            lane.close()
+        _close_all(lanes)
     if client_rss is None:
         client_rss = rss_mb(os.getpid(), children=False)
     results = {lane.name: lane.summary(memory.get(lane.name)) for lane in lanes}

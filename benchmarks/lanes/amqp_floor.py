@@ -15,6 +15,8 @@ import time
 import uuid
 from typing import Any
 
+import psutil
+
 from benchmarks.amqp import pika_parameters
 from benchmarks.lanes.base import LaneContext, rss_mb, stop_session
 from benchmarks.lanes.roundtrip import RoundTripLane
@@ -89,6 +91,10 @@ class AmqpFloorLane(RoundTripLane):
 
     def rss_mb(self) -> float | None:
         return rss_mb(self.proc.pid) if self.proc is not None and self.proc.poll() is None else None
+
+    def peer_process(self) -> psutil.Process | None:
+        alive = self.proc is not None and self.proc.poll() is None
+        return psutil.Process(self.proc.pid) if self.proc is not None and alive else None
 
     def close(self) -> None:
         stop_session(self.proc)

@@ -12,6 +12,9 @@ same way::
     lane.rss_mb()                 # its peer's memory, read after the rounds
     lane.close()                  # stop its peers, delete its queues (safe if never started)
     lane.summary(rss)             # its entry under "lanes" in the results file
+
+The broker and backend every lane shares are found once per run
+(:func:`services`), for the lanes' CPU accounting (:mod:`benchmarks.cpu`).
 """
 
 from __future__ import annotations
@@ -25,8 +28,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+import psutil
 from memory_profiler import memory_usage
 
+from benchmarks.cpu import find_process
 from tasks import app
 from tasks.ops.launcher import WorkerProcess
 from tasks.settings import Settings
@@ -39,6 +44,7 @@ __all__ = [
     "RoundConfig",
     "delete_queues",
     "rss_mb",
+    "services",
     "stop_session",
 ]
 
@@ -156,6 +162,14 @@ class LaneWorker:
         if not self._users:
             self.process.stop()
             delete_queues(self.process.consumed_queues)
+
+
+def services(ctx: LaneContext) -> dict[str, psutil.Process | None]:
+    """This host's RabbitMQ (``beam.smp``) and Redis (``redis-server``) processes, None if absent."""
+    return ctx.shared(
+        "services",
+        lambda: {"rabbitmq": find_process("beam.smp"), "redis": find_process("redis-server")},
+    )
 
 
 def rss_mb(pid: int, children: bool = True) -> float:

@@ -4,7 +4,8 @@ Client-side batching with Celery's canvas: ``infer_many`` splits many seeded
 inputs into batches of 64 and sends them to the deployment worker's own queue
 (:mod:`benchmarks.lanes.deployment_worker`).  Compare with ``in_process`` at
 the same batch size (``chunked_vs_in_process_batch64_samples``).  Summary:
-``model``, ``batch``, ``samples_per_s`` (median of rounds), ``rounds``.
+``model``, ``batch``, ``samples_per_s`` (median of rounds), ``rounds``,
+``per_round`` (``{"samples_per_s": [one per round]}``).
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ class ChunkedInferLane(Lane):
             "batch": self.batch,
             "samples_per_s": round(statistics.median(self.rates), 3),
             "rounds": len(self.rates),
+            "per_round": {"samples_per_s": [round(r, 3) for r in self.rates]},
         }
 
     def close(self) -> None:

@@ -6,7 +6,8 @@ about as many samples as a served round.  The deployment lanes' samples/s are
 compared with it (``*_vs_in_process_batch*_samples``).  It loads torch into
 this process on its first round, so the run reads the client's RSS first.
 Summary: ``model``, ``batch`` (64), ``samples_per_s`` at that batch,
-``by_batch`` (samples/s per batch size), ``rounds``.
+``by_batch`` (samples/s per batch size), ``rounds``, ``per_round``
+(``{"by_batch.1": [one per round], ...}``).
 """
 
 from __future__ import annotations
@@ -81,6 +82,9 @@ class InProcessLane(Lane):
             "samples_per_s": by_batch[top],
             "by_batch": by_batch,
             "rounds": len(self.rounds),
+            "per_round": {
+                f"by_batch.{b}": [round(r[str(b)], 3) for r in self.rounds] for b in self.batches
+            },
         }
 
     def close(self) -> None:

@@ -8,8 +8,13 @@ saturation phase (``--producers N``, :mod:`benchmarks.producers`).
 Summary (its entry in the results file): ``rtt_ms`` (p50/p95/p99/mean of the
 closed loop, median of rounds), ``throughput_per_s``, ``publish_us``,
 ``requests``, ``rounds``, ``worker_rss_mb``, ``saturated_req_s`` when measured,
-the lane's own figures (:meth:`RoundTripLane.served`), and ``breakdown_ms``
-when its task reports a timing breakdown.
+the lane's own figures (:meth:`RoundTripLane.served`), ``breakdown_ms``
+when its task reports a timing breakdown, ``cpu_ms_per_request`` (the CPU ms
+per request served of each process the lane involves, :mod:`benchmarks.cpu`:
+``client``, ``worker_main``, ``worker_child``, ``rabbitmq``, ``redis`` where
+found, and ``total``; median of rounds) and ``per_round`` (figure path, as in
+``python -m benchmarks compare``, to its value in each round, e.g.
+``{"rtt_ms.p50": [..], "throughput_per_s": [..]}``: the spread between rounds).
 """
 
 from __future__ import annotations
@@ -20,7 +25,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from benchmarks.lanes.base import Lane, LaneContext, LaneWorker, RoundConfig
+import psutil
+
+from benchmarks.cpu import CpuMeter, descendants, own, per_request_ms, round_ms
+from benchmarks.lanes.base import Lane, LaneContext, LaneWorker, RoundConfig, services
 from benchmarks.producers import Saturation
 from benchmarks.stats import median_of_rounds, percentiles
 
@@ -36,6 +44,9 @@ class RoundTrips:
     publish_us: float = 0.0
     saturated_per_s: float | None = None  # requests/s with `producers` clients at once
     breakdown_ms: dict[str, list[float]] = field(default_factory=dict)
+    served: int = 0  # requests served in the round, every phase
+    client_cpu_s: float = 0.0  # CPU of client processes other than this one (producers)
+    cpu_s: dict[str, float] = field(default_factory=dict)  # per process group, over the round
 
 
 class RoundTripLane(Lane):
@@ -46,6 +57,7 @@ class RoundTripLane(Lane):
     def __init__(self, ctx: LaneContext) -> None:
         super().__init__(ctx)
         self.rounds: list[RoundTrips] = []
+        self._meter: CpuMeter | None = None
 
     def submit(self) -> Any:
         raise NotImplementedError
@@ -57,8 +69,29 @@ class RoundTripLane(Lane):
         for _ in range(n):
             self.wait(self.submit())
 
+    def peer_process(self) -> psutil.Process | None:
+        """Its peer's main process (worker, echo consumer) for CPU accounting; None: none."""
+        return None
+
+    def cpu_meter(self) -> CpuMeter:
+        """The processes this lane involves, by role (made on the first round)."""
+        if self._meter is None:
+            peer = self.peer_process()
+            shared = services(self.ctx)
+            groups = {"client": own(psutil.Process())}
+            if peer is not None:
+                groups |= {"worker_main": own(peer), "worker_child": descendants(peer)}
+            self._meter = CpuMeter(
+                groups | {"rabbitmq": own(shared["rabbitmq"]), "redis": own(shared["redis"])}
+            )
+        return self._meter
+
     def run_round(self, cfg: RoundConfig) -> None:
-        self.rounds.append(self.round_trips(cfg))
+        meter = self.cpu_meter()
+        meter.start()
+        out = self.round_trips(cfg)
+        out.cpu_s = meter.stop({"client": out.client_cpu_s})
+        self.rounds.append(out)
 
     def round_trips(self, cfg: RoundConfig) -> RoundTrips:
         out = RoundTrips()
@@ -81,6 +114,7 @@ class RoundTripLane(Lane):
             self.wait(in_flight.popleft())
         out.throughput_per_s = cfg.window_requests / (time.perf_counter() - started)
         out.publish_us = publish_s / cfg.window_requests * 1e6
+        out.served = cfg.requests + cfg.window_requests
         return out
 
     def latency_ms(self) -> list[float]:
@@ -92,8 +126,9 @@ class RoundTripLane(Lane):
 
     def summary(self, worker_rss_mb: float | None) -> dict[str, Any]:
         rounds = self.rounds
+        rtt = [percentiles(r.rtt_ms) for r in rounds]
         lane: dict[str, Any] = {
-            "rtt_ms": median_of_rounds([percentiles(r.rtt_ms) for r in rounds]),
+            "rtt_ms": median_of_rounds(rtt),
             "throughput_per_s": median_of_rounds([{"v": r.throughput_per_s} for r in rounds])["v"],
             "publish_us": median_of_rounds([{"v": r.publish_us} for r in rounds])["v"],
             "requests": sum(len(r.rtt_ms) for r in rounds),
@@ -110,6 +145,24 @@ class RoundTripLane(Lane):
                 k: percentiles([ms for r in rounds for ms in r.breakdown_ms.get(k, [])])
                 for k in keys
             }
+        cpu = [(r.cpu_s, r.served) for r in rounds if r.cpu_s and r.served]
+        if cpu:
+            lane["cpu_ms_per_request"] = per_request_ms(cpu)
+        per_round: dict[str, list[float]] = {
+            "rtt_ms.p50": [p["p50"] for p in rtt],
+            "rtt_ms.p95": [p["p95"] for p in rtt],
+            "throughput_per_s": [round(r.throughput_per_s, 3) for r in rounds],
+            "publish_us": [round(r.publish_us, 3) for r in rounds],
+        }
+        if lane.get("samples_per_s") == lane["throughput_per_s"]:  # one sample per request
+            per_round["samples_per_s"] = per_round["throughput_per_s"]
+        if saturated:
+            per_round["saturated_req_s"] = [round(v, 3) for v in saturated]
+        if cpu:
+            per_round["cpu_ms_per_request.total"] = [
+                round(round_ms(c, n)["total"], 3) for c, n in cpu
+            ]
+        lane["per_round"] = per_round
         return lane
 
 
@@ -151,10 +204,16 @@ class CeleryTaskLane(RoundTripLane):
     def round_trips(self, cfg: RoundConfig) -> RoundTrips:
         out = super().round_trips(cfg)
         if cfg.producers > 0 and self.saturation is not None:
-            out.saturated_per_s = self.saturation.run(
+            phase = self.saturation.run(
                 producers=cfg.producers, requests=max(cfg.window_requests, 2 * cfg.window)
             )
+            out.saturated_per_s = phase.req_s
+            out.served += phase.served
+            out.client_cpu_s += phase.client_cpu_s
         return out
+
+    def peer_process(self) -> psutil.Process | None:
+        return psutil.Process(self.worker.process.pid) if self.worker.process.alive() else None
 
     def start(self) -> None:
         self.worker.start(self.name)

@@ -12,7 +12,7 @@ Two measurements with synthetic registries (no broker):
 
 Seeded, so every run simulates the same steps.  Summary: ``decision_us_p99``,
 ``sticky_hit_rate`` (medians of rounds), ``registry`` (what was simulated),
-``rounds``.
+``rounds``, ``per_round`` (each round's two figures).
 """
 
 from __future__ import annotations
@@ -83,6 +83,10 @@ class RouterLane(Lane):
             "sticky_hit_rate": figures["sticky_hit_rate"],
             "registry": "64 workers x 16 models (decisions); 8 models over 4 workers (hit rate)",
             "rounds": len(self.rounds),
+            "per_round": {
+                "decision_us_p99": [r["decision_p99_us"] for r in self.rounds],
+                "sticky_hit_rate": [round(r["sticky_hit_rate"], 6) for r in self.rounds],
+            },
         }
 
     def _decision_p99(self, n: int) -> float:

@@ -69,6 +69,12 @@ def test_tiny_run_writes_json_table_and_plots(tmp_path: Path, weights_dir: Path)
         assert 0 < lane["rtt_ms"]["p50"] <= lane["rtt_ms"]["p95"] <= lane["rtt_ms"]["p99"], name
         assert lane["throughput_per_s"] > 0 and lane["publish_us"] > 0, name
         assert lane["worker_rss_mb"] > 0, name
+        # Per-round figures for compare, and CPU accounting of every process involved.
+        assert len(lane["per_round"]["rtt_ms.p50"]) == 3, name
+        assert len(lane["per_round"]["throughput_per_s"]) == 3, name
+        cpu = lane["cpu_ms_per_request"]
+        assert {"client", "worker_main", "worker_child", "total"} <= set(cpu), name
+        assert all(v >= 0 for v in cpu.values()) and cpu["total"] >= cpu["client"], name
     assert lanes["deployment_infer"]["samples_per_s"] > 0
     # The saturation phase: 2 producer processes per deployment lane, every request answered.
     assert result["plan"]["producers"] == 2
@@ -76,6 +82,11 @@ def test_tiny_run_writes_json_table_and_plots(tmp_path: Path, weights_dir: Path)
         assert lanes[name]["saturated_req_s"] > 0, name
     assert "saturated_req_s" not in lanes["celery_baseline"]
     assert result["ratios"]["batched_vs_infer_saturated_req_s"] > 0
+    assert len(lanes["deployment_infer_batched"]["per_round"]["saturated_req_s"]) == 3
+    assert lanes["deployment_infer"]["cpu_ms_per_request"]["total"] > 0
+    assert result["ratios"]["batched_vs_infer_worker_cpu_per_request"] > 0
+    assert result["ratios"]["batched_total_cpu_ms_per_request"] > 0
+    assert len(lanes["deployment_infer_chunked"]["per_round"]["samples_per_s"]) == 3
     assert lanes["deployment_infer"]["breakdown_ms"]["compute_ms"]["p50"] > 0
     assert lanes["in_process"]["by_batch"]["1"] > 0 and lanes["in_process"]["by_batch"]["64"] > 0
     assert result["ratios"]["deployment_noop_vs_celery_baseline_p50"] > 0
@@ -84,3 +95,4 @@ def test_tiny_run_writes_json_table_and_plots(tmp_path: Path, weights_dir: Path)
         png = tmp_path / f"bench{suffix}"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "deployment_noop_vs_celery_baseline_p50" in proc.stdout  # the terminal table
+    assert "CPU ms per request" in proc.stdout
