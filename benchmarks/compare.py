@@ -35,6 +35,8 @@ HEADLINE = (
     "worker_rss_mb",
     "decision_us_p99",
     "sticky_hit_rate",
+    "sequential_msgs_s",
+    "map_msgs_s",
     "by_batch.1",
     "by_batch.64",
     "cpu_ms_per_request.total",

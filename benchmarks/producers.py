@@ -11,8 +11,26 @@ so the parent can take the span over all producers on this host; ``cpu_s``: this
 process's CPU seconds from GO to the end, for the lanes' CPU accounting;
 ``warm_up``: the requests it sent before READY).
 
+Pipelined confirms (issue 14): for ``tasks.infer`` (``--task infer``) a
+producer publishes with ``infer.map`` (:mod:`tasks.client.publish`), not one
+``apply_async`` per request: it keeps two chunks of half its window in
+flight, and whenever the older chunk's results are all in, it publishes the
+next half window as one ``infer.map``, whose confirms it waits for together.
+So at least half the window and at most all of it is in flight, as before,
+and a publish costs a fraction of a confirm round trip instead of a whole
+one (the ``publish`` lane measures how much), so that one client process
+can load a batching worker.  On 2 cores the worker's own CPU stays the
+limit: there the change showed no gain beyond the spread between rounds.
+A chunk's requests settle one by one, as before: each failed one counts as
+an error, and a chunk whose publish fails counts all its requests.  Other
+tasks (``--task noop``) still send one ``apply_async`` at a time with a
+sliding window.  The report and the lanes' results keys
+(``saturated_req_s``, ...) are unchanged; the rates are not comparable with
+results files from before the change.
+
 Written here rather than with a load tool (locust and the like) because the
-load must be real ``apply_async`` calls through the deployment's own app.
+load must be real ``apply_async`` / ``infer.map`` calls through the
+deployment's own app.
 
 The parent side is :class:`Saturation`: a lane that has one runs it after each
 round's window phase when the plan asks for producers (``saturated_req_s``);
@@ -135,6 +153,51 @@ def _expect(proc: subprocess.Popen[str], prefix: str) -> str:
     return line
 
 
+def _settle(results: list[Any]) -> int:
+    """Wait for each of ``results``; the number that failed."""
+    errors = 0
+    for result in results:
+        try:
+            result.get(timeout=60)
+        except Exception:  # counted and reported: the parent fails the round on any error
+            errors += 1
+    return errors
+
+
+def _send_per_request(submit: Any, requests: int, window: int) -> int:
+    """``requests`` calls of ``submit()``, ``window`` in flight (sliding); the errors."""
+    errors = 0
+    in_flight: deque[Any] = deque()
+    for _ in range(requests):
+        if len(in_flight) >= window:
+            errors += _settle([in_flight.popleft()])
+        in_flight.append(submit())
+    return errors + _settle(list(in_flight))
+
+
+def _send_mapped(model: str, queue: str, requests: int, window: int) -> int:
+    """``requests`` infer requests as ``infer.map`` chunks of half ``window``; the errors."""
+    from tasks import infer
+
+    x = request_input(model)
+    chunk = max(1, window // 2)
+    errors = 0
+    in_flight: deque[list[Any]] = deque()  # chunks, oldest first
+    left = requests
+    while left:
+        n = min(chunk, left)
+        if sum(map(len, in_flight)) + n > window:
+            errors += _settle(in_flight.popleft())
+        try:
+            in_flight.append(list(infer.map(model, [x] * n, queue=queue).results))
+        except Exception:  # PublishFailed or a connection error: the whole chunk fails
+            errors += n
+        left -= n
+    while in_flight:
+        errors += _settle(in_flight.popleft())
+    return errors
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.producers", description=__doc__)
     parser.add_argument("--task", choices=("infer", "noop"), default="infer")
@@ -144,29 +207,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--window", type=int, required=True)
     args = parser.parse_args(argv)
 
-    submit = _submit_fn(args.task, args.model, args.queue)
-    for _ in range(WARM_UP):  # connections, result consumer, the worker's first requests
-        submit().get(timeout=60)
+    if args.task == "infer":  # connections, the confirm channel path, the worker's first requests
+        from tasks import infer
+
+        warm = infer.map(args.model, [request_input(args.model)] * WARM_UP, queue=args.queue)
+        warm.get(timeout=60)
+    else:
+        submit = _submit_fn(args.task, args.model, args.queue)
+        for _ in range(WARM_UP):  # connections, result consumer, the worker's first requests
+            submit().get(timeout=60)
     print("READY", flush=True)
     if sys.stdin.readline().strip() != "GO":
         return 1
-    errors = 0
-    in_flight: deque[Any] = deque()
-
-    def settle() -> None:
-        nonlocal errors
-        try:
-            in_flight.popleft().get(timeout=60)
-        except Exception:  # counted and reported: the parent fails the round on any error
-            errors += 1
-
     started, cpu_started = time.time(), time.process_time()
-    for _ in range(args.requests):
-        if len(in_flight) >= args.window:
-            settle()
-        in_flight.append(submit())
-    while in_flight:
-        settle()
+    if args.task == "infer":
+        errors = _send_mapped(args.model, args.queue, args.requests, args.window)
+    else:
+        errors = _send_per_request(submit, args.requests, args.window)
     ended, cpu_s = time.time(), time.process_time() - cpu_started
     report = {"sent": args.requests, "errors": errors, "started": started, "ended": ended}
     print(json.dumps({**report, "cpu_s": cpu_s, "warm_up": WARM_UP}), flush=True)

@@ -32,6 +32,7 @@ def ratios(lanes: dict[str, Any]) -> dict[str, float | None]:
         return float(cpu["worker_main"] + cpu.get("worker_child", 0.0))
 
     batched = lanes.get("deployment_infer_batched", {})
+    publish = lanes.get("publish", {})
     in_process = lanes.get("in_process", {}).get("by_batch", {})
     infer_rate = lanes.get("deployment_infer", {}).get("samples_per_s")
     floor = p50("amqp_floor")
@@ -79,4 +80,8 @@ def ratios(lanes: dict[str, Any]) -> dict[str, float | None]:
             worker_cpu("deployment_infer_batched"), worker_cpu("deployment_infer")
         ),
         "batched_total_cpu_ms_per_request": batched.get("cpu_ms_per_request", {}).get("total"),
+        # Publish lane: confirmed messages/s of one infer.map over sequential apply_async.
+        "pipelined_vs_sequential_publish_msgs": ratio(
+            publish.get("map_msgs_s"), publish.get("sequential_msgs_s")
+        ),
     }

@@ -69,6 +69,13 @@ def rows(result: dict[str, Any]) -> list[tuple[str, ...]]:
             figures = f"{lane['samples_per_s']:,.0f} (b{lane['batch']})"
             out.append((name, "-", "-", "-", "-", "-", "-", "-", figures, "-", "-"))
             continue
+        if name == "publish":  # confirmed publishes, nothing consumed
+            figures = (
+                f"{lane['map_msgs_s']:,.0f} msgs/s infer.map / "
+                f"{lane['sequential_msgs_s']:,.0f} sequential"
+            )
+            out.append((name, "-", "-", "-", "-", "-", "-", "-", figures, "-", "-"))
+            continue
         if "rtt_ms" not in lane:  # in_process: compute only
             by = lane["by_batch"]
             samples = " / ".join(f"{by[b]:,.0f} (b{b})" for b in by)

@@ -32,6 +32,7 @@ from benchmarks.lanes.deployment_infer_chunked import ChunkedInferLane
 from benchmarks.lanes.deployment_noop import DeploymentNoopLane
 from benchmarks.lanes.dramatiq import DramatiqLane
 from benchmarks.lanes.in_process import InProcessLane
+from benchmarks.lanes.publish import PublishLane
 from benchmarks.lanes.router import RouterLane
 from benchmarks.machine import machine_info
 from benchmarks.producers import SATURATION_IN_FLIGHT
@@ -55,6 +56,7 @@ LANES: tuple[type[Lane], ...] = (
     CeleryBatchesLane,  # only where BENCH_CELERY_BATCHES_PYTHON names its environment
     DramatiqLane,  # only where dramatiq is installed ('.[peers]')
     RouterLane,
+    PublishLane,
     InProcessLane,
 )
 

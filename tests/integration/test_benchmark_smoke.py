@@ -56,8 +56,21 @@ def test_tiny_run_writes_json_table_and_plots(tmp_path: Path, weights_dir: Path)
     assert machine["cpus"] >= 1 and machine["broker"] == "amqp" and machine["backend"] == "redis"
     assert machine["rabbitmq"] and machine["redis"] and machine["torch"] and machine["celery"]
     lanes = result["lanes"]
-    assert set(lanes) == {*ROUND_TRIP_LANES, "router", "in_process", "deployment_infer_chunked"}
+    assert set(lanes) == {
+        *ROUND_TRIP_LANES,
+        "router",
+        "in_process",
+        "deployment_infer_chunked",
+        "publish",
+    }
     assert lanes["deployment_infer_chunked"]["samples_per_s"] > 0
+    # The publish lane: sequential apply_async vs one infer.map, both confirmed, per round.
+    publish = lanes["publish"]
+    assert publish["messages"] == 16 and publish["rounds"] == 3
+    assert publish["sequential_msgs_s"] > 0 and publish["map_msgs_s"] > 0
+    assert len(publish["per_round"]["map_msgs_s"]) == 3
+    assert len(publish["per_round"]["sequential_msgs_s"]) == 3
+    assert result["ratios"]["pipelined_vs_sequential_publish_msgs"] > 0
     assert result["ratios"]["batched_vs_infer_samples"] > 0
     assert lanes["router"]["decision_us_p99"] > 0 and 0 < lanes["router"]["sticky_hit_rate"] <= 1
     assert (
