@@ -22,11 +22,15 @@ from models.registry import ModelSpec
 __all__ = ["check_input", "check_size"]
 
 
-def check_size(nbytes: int, limit: int) -> None:
-    """Refuse payloads over ``limit`` bytes with advice on what to do instead."""
+def check_size(nbytes: int, limit: int, estimated: bool = False) -> None:
+    """Refuse payloads over ``limit`` bytes with advice on what to do instead.
+
+    ``estimated``: ``nbytes`` is a size estimate (read from lengths, nothing converted).
+    """
     if nbytes > limit:
+        about = "about " if estimated else ""
         raise PayloadTooLarge(
-            f"input is {nbytes} bytes, over the {limit}-byte limit (INFER_MAX_PAYLOAD_BYTES): "
+            f"input is {about}{nbytes} bytes, over the {limit}-byte limit (INFER_MAX_PAYLOAD_BYTES): "
             "split it into smaller batches, or put it in shared storage and pass a reference"
         )
 

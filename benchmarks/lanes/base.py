@@ -43,6 +43,7 @@ __all__ = [
     "LaneWorker",
     "RoundConfig",
     "delete_queues",
+    "live_process",
     "rss_mb",
     "services",
     "stop_session",
@@ -180,6 +181,11 @@ def rss_mb(pid: int, children: bool = True) -> float:
 def delete_queues(names: list[str]) -> None:
     """Leave no benchmark queue behind on the broker."""
     remove_topology(app, names)
+
+
+def live_process(proc: subprocess.Popen[bytes] | None) -> psutil.Process | None:
+    """The peer's process while it runs, else None (never started, or exited)."""
+    return psutil.Process(proc.pid) if proc is not None and proc.poll() is None else None
 
 
 def stop_session(proc: subprocess.Popen[bytes] | None) -> None:

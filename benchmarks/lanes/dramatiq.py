@@ -18,7 +18,14 @@ from typing import Any
 
 import psutil
 
-from benchmarks.lanes.base import Lane, LaneContext, delete_queues, rss_mb, stop_session
+from benchmarks.lanes.base import (
+    Lane,
+    LaneContext,
+    delete_queues,
+    live_process,
+    rss_mb,
+    stop_session,
+)
 from benchmarks.lanes.roundtrip import RoundTripLane
 
 __all__ = ["DramatiqLane"]
@@ -78,11 +85,11 @@ class DramatiqLane(RoundTripLane):
         return pending.get_result(block=True, timeout=60_000)
 
     def rss_mb(self) -> float | None:
-        return rss_mb(self.proc.pid) if self.proc is not None and self.proc.poll() is None else None
+        peer = live_process(self.proc)
+        return rss_mb(peer.pid) if peer is not None else None
 
     def peer_process(self) -> psutil.Process | None:
-        alive = self.proc is not None and self.proc.poll() is None
-        return psutil.Process(self.proc.pid) if self.proc is not None and alive else None
+        return live_process(self.proc)
 
     def close(self) -> None:
         stop_session(self.proc)

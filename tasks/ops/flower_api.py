@@ -46,19 +46,17 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from collections.abc import Callable, MutableSequence
 from typing import Any, NamedTuple
 
 import flower.app
 import flower.urls
-import numpy as np
 from flower.api import BaseApiHandler
 from flower.api import tasks as flower_tasks
 from tornado.web import HTTPError
 
 from models.errors import ConfigurationError, InferenceError, NoCapableWorker, RequestError
-from tasks.wire.codec import WIRE_DTYPES, display, redact_bytes
+from tasks.wire.codec import display, estimated_nbytes, redact_bytes
 
 __all__ = [
     "ENVELOPE_KEYS",
@@ -108,12 +106,9 @@ def tensor_summary(envelope: dict[str, Any]) -> dict[str, Any]:
     dims_ok = isinstance(shape, list | tuple) and all(
         isinstance(d, int) and not isinstance(d, bool) for d in shape
     )
-    if isinstance(dtype, str) and dtype in WIRE_DTYPES and dims_ok:
-        nbytes: int | None = math.prod(shape) * np.dtype(dtype).itemsize
-    elif isinstance(data, bytes | bytearray | memoryview):
+    nbytes = estimated_nbytes(envelope)  # from dtype and shape: the same under msgpack and json
+    if nbytes is None and isinstance(data, bytes | bytearray | memoryview):
         nbytes = len(data)
-    else:
-        nbytes = None
     return {
         "dtype": dtype if isinstance(dtype, str) else display(dtype),
         "shape": list(shape) if dims_ok else display(shape),

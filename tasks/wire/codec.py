@@ -16,7 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from models.errors import MalformedPayload, NonNumericInput, PayloadTooLarge, echo
+from models.errors import MalformedPayload, NonNumericInput, echo
+from models.validation import check_size
 
 __all__ = [
     "NO_LIMIT",
@@ -117,12 +118,8 @@ def estimated_nbytes(payload: Any) -> int | None:
 def refuse_oversized(payload: Any, max_bytes: int) -> None:
     """Raise :class:`PayloadTooLarge` if ``payload`` is estimated over ``max_bytes`` (in bytes)."""
     nbytes = estimated_nbytes(payload)
-    if nbytes is not None and nbytes > max_bytes:
-        raise PayloadTooLarge(
-            f"input is about {nbytes} bytes, over the {max_bytes}-byte limit "
-            "(INFER_MAX_PAYLOAD_BYTES): split it into smaller batches, or put it in shared "
-            "storage and pass a reference"
-        )
+    if nbytes is not None:
+        check_size(nbytes, max_bytes, estimated=True)
 
 
 def _decode_envelope(payload: dict[str, Any], max_bytes: int) -> np.ndarray:
@@ -146,11 +143,7 @@ def _decode_envelope(payload: dict[str, Any], max_bytes: int) -> np.ndarray:
         )
     dtype = np.dtype(dtype_name).newbyteorder("<")
     expected = math.prod(shape) * dtype.itemsize
-    if expected > max_bytes:
-        raise PayloadTooLarge(
-            f"input is {expected} bytes, over the {max_bytes}-byte limit (INFER_MAX_PAYLOAD_BYTES): "
-            "split it into smaller batches, or put it in shared storage and pass a reference"
-        )
+    check_size(expected, max_bytes)
     if isinstance(data, str):
         try:
             data = base64.b64decode(data, validate=True)
