@@ -4,9 +4,11 @@ Lanes (one file each under benchmarks/lanes/, the plan in benchmarks/run.py):
 amqp_floor (raw pika round trip), celery_baseline / celery_default /
 celery_tuned (vanilla Celery), deployment_noop, deployment_infer,
 deployment_infer_batched and deployment_infer_chunked (ours), celery_batches
-and dramatiq (optional peers), router (its decisions, in process), in_process
-(the CNN forward pass, batch 1 and 64).  All on the broker and backend the
-environment configures, interleaved over several rounds.
+and dramatiq (optional peers), router (its decisions, in process), publish
+(confirmed publishes), in_process (the CNN forward pass, batch 1 and 64),
+open_loop (Poisson arrivals at a sweep of offered rates, batch-1 and batching
+worker).  All on the broker and backend the environment configures,
+interleaved over several rounds.
 
 ``python -m benchmarks burst`` runs the 10,000-task burst (lane ``burst``,
 merged into the results file); ``python -m benchmarks compare BEFORE AFTER``

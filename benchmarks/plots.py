@@ -1,4 +1,9 @@
-"""PNG plots next to the results JSON: latency CDF per lane, throughput per lane."""
+"""PNG plots next to the results JSON: latency CDF per lane, throughput per lane, open loop.
+
+The open-loop plot (when the ``open_loop`` lane ran) draws each worker's p50
+and p99 latency against the throughput it achieved at each offered rate, with
+the p99 target as a horizontal line.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +12,12 @@ from typing import Any
 
 from benchmarks.stats import cdf
 
-__all__ = ["write_plots"]
+__all__ = ["open_loop_plot", "write_plots"]
 
 
 def write_plots(samples: dict[str, list[float]], lanes: dict[str, Any], stem: Path) -> list[Path]:
-    """Write ``<stem>-latency-cdf.png`` and ``<stem>-throughput.png``; return their paths."""
+    """Write ``<stem>-latency-cdf.png``, ``<stem>-throughput.png`` and, with the ``open_loop``
+    lane, ``<stem>-open-loop.png``; return their paths."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -46,4 +52,45 @@ def write_plots(samples: dict[str, list[float]], lanes: dict[str, Any], stem: Pa
     fig.tight_layout()
     fig.savefig(tput_path, dpi=110)
     plt.close(fig)
-    return [cdf_path, tput_path]
+    paths = [cdf_path, tput_path]
+    if "open_loop" in lanes:
+        paths.append(
+            open_loop_plot(lanes["open_loop"], stem.with_name(stem.name + "-open-loop.png"))
+        )
+    return paths
+
+
+def open_loop_plot(lane: dict[str, Any], path: Path) -> Path:
+    """Latency (p50, p99) against achieved throughput, one line pair per worker; returns ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for (worker, figures), color in zip(
+        lane["workers"].items(), ("#4c72b0", "#dd8452"), strict=False
+    ):
+        points = [p for p in figures["points"] if p["latency_ms"]]
+        xs = [p["achieved_req_s"] for p in points]
+        for stat, style in (("p50", "--"), ("p99", "-")):
+            ys = [p["latency_ms"][stat] for p in points]
+            ax.plot(xs, ys, style, marker="o", color=color, label=f"{worker} {stat}")
+    target = lane["p99_target_ms"]
+    ax.axhline(
+        target, color="grey", linewidth=0.8, linestyle=":", label=f"p99 target {target:g} ms"
+    )
+    ax.set_yscale("log")
+    ax.set_xlabel("achieved throughput, requests/s (Poisson arrivals, median of rounds)")
+    ax.set_ylabel("latency from scheduled send, ms (log scale)")
+    capacity = lane["capacity_req_s"]
+    ax.set_title(
+        f"Open loop: latency vs throughput (offered {lane['factors'][0]:g}x to "
+        f"{lane['factors'][-1]:g}x of {capacity:,.0f} req/s)"
+    )
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -31,6 +31,9 @@ def ratios(lanes: dict[str, Any]) -> dict[str, float | None]:
             return None
         return float(cpu["worker_main"] + cpu.get("worker_child", 0.0))
 
+    def max_rate(worker: str) -> float | None:  # open_loop: max req/s with p99 <= 50 ms
+        return lanes.get("open_loop", {}).get("max_rate_p99_50ms", {}).get(worker)
+
     batched = lanes.get("deployment_infer_batched", {})
     publish = lanes.get("publish", {})
     in_process = lanes.get("in_process", {}).get("by_batch", {})
@@ -69,7 +72,10 @@ def ratios(lanes: dict[str, Any]) -> dict[str, float | None]:
         "batched_req_s_vs_celery_tuned_noop": ratio(
             batched.get("throughput_per_s"), tput("celery_tuned")
         ),
+        # The window phase's req/s (one client) over Dramatiq's no-op req/s.
         "batched_req_s_vs_dramatiq_noop": ratio(batched.get("throughput_per_s"), tput("dramatiq")),
+        # The saturation phase's req/s (--producers; else None) over Dramatiq's no-op req/s.
+        "batched_vs_dramatiq_noop_req_s": ratio(batched.get("saturated_req_s"), tput("dramatiq")),
         "chunked_vs_in_process_batch64_samples": ratio(
             lanes.get("deployment_infer_chunked", {}).get("samples_per_s"), in_process.get("64")
         ),
@@ -84,4 +90,6 @@ def ratios(lanes: dict[str, Any]) -> dict[str, float | None]:
         "pipelined_vs_sequential_publish_msgs": ratio(
             publish.get("map_msgs_s"), publish.get("sequential_msgs_s")
         ),
+        # Open loop (Poisson arrivals): the highest req/s with p99 <= 50 ms, batching / batch 1.
+        "open_loop_batched_vs_infer_max_rate_p99": ratio(max_rate("batched"), max_rate("infer")),
     }

@@ -22,6 +22,7 @@ __all__ = [
     "begin",
     "blocks",
     "cpu_rows",
+    "open_loop_rows",
     "print_table",
     "render",
     "rows",
@@ -48,6 +49,18 @@ HEADERS = (
     "worker MB",
 )
 CPU_ROLES = ("client", "worker_main", "worker_child", "rabbitmq", "redis", "total")
+OPEN_LOOP_HEADERS = (
+    "worker",
+    "offered x",
+    "offered req/s",
+    "sent/s",
+    "achieved req/s",
+    "p50 ms",
+    "p95 ms",
+    "p99 ms",
+    "errors",
+    "timeouts",
+)
 
 
 def _f(value: float | None, fmt: str) -> str:
@@ -75,6 +88,14 @@ def rows(result: dict[str, Any]) -> list[tuple[str, ...]]:
                 f"{lane['sequential_msgs_s']:,.0f} sequential"
             )
             out.append((name, "-", "-", "-", "-", "-", "-", "-", figures, "-", "-"))
+            continue
+        if name == "open_loop":  # Poisson arrivals: the sweep is open_loop_rows
+            best = lane["max_rate_p99_50ms"]
+            figures = f"max req/s at p99 <= {lane['p99_target_ms']:g} ms: " + " / ".join(
+                f"{_f(v, ',.0f')} ({w})" for w, v in best.items()
+            )
+            rss = _f(lane.get("worker_rss_mb"), ".0f")
+            out.append((name, "-", "-", "-", "-", "-", "-", "-", figures, "-", rss))
             continue
         if "rtt_ms" not in lane:  # in_process: compute only
             by = lane["by_batch"]
@@ -109,6 +130,40 @@ def cpu_rows(result: dict[str, Any]) -> list[tuple[str, ...]]:
     ]
 
 
+def open_loop_rows(result: dict[str, Any]) -> list[tuple[str, ...]]:
+    """The open-loop sweep, one row per worker and offered rate ([] without the lane)."""
+    lane = result["lanes"].get("open_loop")
+    if not lane:
+        return []
+    out: list[tuple[str, ...]] = []
+    for worker, figures in lane["workers"].items():
+        for p in figures["points"]:
+            latency = p["latency_ms"] or {}
+            out.append(
+                (
+                    worker,
+                    f"{p['factor']:g}",
+                    f"{p['offered_req_s']:,.0f}",
+                    f"{p['sent_per_s']:,.0f}",
+                    f"{p['achieved_req_s']:,.0f}",
+                    *(_f(latency.get(k), ".2f") for k in ("p50", "p95", "p99")),
+                    str(p["errors"]),
+                    str(p["timeouts"]),
+                )
+            )
+    return out
+
+
+def _open_loop_caption(result: dict[str, Any]) -> str:
+    lane = result["lanes"]["open_loop"]
+    return (
+        f"Open loop: Poisson arrivals at {len(lane['factors'])} offered rates, multiples of "
+        f"the batch-1 capacity {lane['capacity_req_s']:,.0f} req/s ({lane['capacity_source']}), "
+        f"{lane['duration_s']:g} s each per round; latency from the scheduled send, every "
+        f"round's requests pooled."
+    )
+
+
 def _headline(result: dict[str, Any], source: str) -> str:
     m, p = result["machine"], result["plan"]
     return (
@@ -137,6 +192,11 @@ def render(result: dict[str, Any], source: str) -> str:
         "|---|" + "---:|" * (len(HEADERS) - 1),
     ]
     lines += ["| " + " | ".join((f"`{r[0]}`", *r[1:])) + " |" for r in rows(result)]
+    if sweep := open_loop_rows(result):
+        lines += ["", _open_loop_caption(result), ""]
+        lines += ["| " + " | ".join(OPEN_LOOP_HEADERS) + " |"]
+        lines += ["|---|" + "---:|" * (len(OPEN_LOOP_HEADERS) - 1)]
+        lines += ["| " + " | ".join(r) + " |" for r in sweep]
     lines += ["", "| ratio | value |", "|---|---:|"]
     lines += [f"| {k} | {_f(v, '.3f')} |" for k, v in result["ratios"].items()]
     lines += ["", f"Client RSS: {_f(result['memory_mb'].get('client_rss'), '.0f')} MB."]
@@ -162,6 +222,13 @@ def print_table(result: dict[str, Any], source: str) -> None:
         for r in cpu:
             cpu_table.add_row(*r)
         console.print(cpu_table)
+    if sweep := open_loop_rows(result):
+        sweep_table = Table(title=_open_loop_caption(result))
+        for h in OPEN_LOOP_HEADERS:
+            sweep_table.add_column(h, justify="left" if h == "worker" else "right")
+        for r in sweep:
+            sweep_table.add_row(*r)
+        console.print(sweep_table)
     for k, v in result["ratios"].items():
         console.print(f"  {k:52} {_f(v, '.3f')}")
     console.print(_headline(result, source))

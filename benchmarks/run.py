@@ -32,6 +32,7 @@ from benchmarks.lanes.deployment_infer_chunked import ChunkedInferLane
 from benchmarks.lanes.deployment_noop import DeploymentNoopLane
 from benchmarks.lanes.dramatiq import DramatiqLane
 from benchmarks.lanes.in_process import InProcessLane
+from benchmarks.lanes.open_loop import OpenLoopLane
 from benchmarks.lanes.publish import PublishLane
 from benchmarks.lanes.router import RouterLane
 from benchmarks.machine import machine_info
@@ -58,6 +59,7 @@ LANES: tuple[type[Lane], ...] = (
     RouterLane,
     PublishLane,
     InProcessLane,
+    OpenLoopLane,  # after deployment_infer: takes the batch-1 capacity from its first round
 )
 
 

@@ -6,15 +6,17 @@ worker (:mod:`benchmarks.lanes.deployment_worker`).  With ``--producers N`` it
 adds a saturation phase on the worker's own queue.  Summary: the round-trip
 figures of :mod:`benchmarks.lanes.roundtrip`, ``model`` and ``samples_per_s``
 (one sample per request), and ``breakdown_ms`` (the worker's own timings,
-e.g. ``compute_ms``).
+e.g. ``compute_ms``).  Each round leaves the worker's saturated req/s (the
+saturation phase's, else the window phase's) in
+:func:`~benchmarks.lanes.deployment_worker.batch1_capacity` for ``open_loop``.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from benchmarks.lanes.base import LaneContext
-from benchmarks.lanes.deployment_worker import deployment_worker
+from benchmarks.lanes.base import LaneContext, RoundConfig
+from benchmarks.lanes.deployment_worker import batch1_capacity, deployment_worker
 from benchmarks.lanes.roundtrip import CeleryTaskLane
 from benchmarks.producers import Saturation, request_input
 from tasks import infer
@@ -30,6 +32,15 @@ class DeploymentInferLane(CeleryTaskLane):
         model, x = ctx.model, request_input(ctx.model)
         saturation = Saturation("infer", model, worker.process.own_queue)
         super().__init__(ctx, lambda: infer.apply_async((model, x)), worker, saturation)
+
+    def run_round(self, cfg: RoundConfig) -> None:
+        super().run_round(cfg)
+        last = self.rounds[-1]
+        if last.saturated_per_s is not None:
+            figure = (last.saturated_per_s, f"{self.name}.saturated_req_s")
+        else:
+            figure = (last.throughput_per_s, f"{self.name}.throughput_per_s")
+        batch1_capacity(self.ctx).append(figure)
 
     def served(self, figures: dict[str, Any]) -> dict[str, Any]:
         return {"model": self.ctx.model, "samples_per_s": figures["throughput_per_s"]}

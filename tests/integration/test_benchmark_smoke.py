@@ -62,6 +62,7 @@ def test_tiny_run_writes_json_table_and_plots(tmp_path: Path, weights_dir: Path)
         "in_process",
         "deployment_infer_chunked",
         "publish",
+        "open_loop",
     }
     assert lanes["deployment_infer_chunked"]["samples_per_s"] > 0
     # The publish lane: sequential apply_async vs one infer.map, both confirmed, per round.
@@ -104,8 +105,26 @@ def test_tiny_run_writes_json_table_and_plots(tmp_path: Path, weights_dir: Path)
     assert lanes["in_process"]["by_batch"]["1"] > 0 and lanes["in_process"]["by_batch"]["64"] > 0
     assert result["ratios"]["deployment_noop_vs_celery_baseline_p50"] > 0
     assert result["memory_mb"]["client_rss"] > 0
-    for suffix in ("-latency-cdf.png", "-throughput.png"):
+    # The open loop: a tiny Poisson sweep (3 rates) against each worker, every request counted.
+    open_loop = lanes["open_loop"]
+    assert open_loop["rounds"] == 3 and len(open_loop["factors"]) == 3
+    # deployment_infer ran first in the round: its saturated figure was one of the candidates.
+    assert "deployment_infer.saturated_req_s" in open_loop["capacity_figures"]
+    assert open_loop["capacity_req_s"] == max(open_loop["capacity_figures"].values())
+    for worker in ("infer", "batched"):
+        points = open_loop["workers"][worker]["points"]
+        assert [p["factor"] for p in points] == open_loop["factors"], worker
+        for p in points:
+            assert p["requests"] >= 3 * 16 and p["errors"] == 0, (worker, p)
+            assert p["achieved_req_s"] > 0 and p["sent_per_s"] > 0, (worker, p)
+            latency = p["latency_ms"]
+            assert 0 < latency["p50"] <= latency["p95"] <= latency["p99"], (worker, p)
+        assert worker in open_loop["max_rate_p99_50ms"]
+        assert len(open_loop["per_round"][f"max_rate_p99_50ms.{worker}"]) == 3
+    assert "open_loop_batched_vs_infer_max_rate_p99" in result["ratios"]
+    for suffix in ("-latency-cdf.png", "-throughput.png", "-open-loop.png"):
         png = tmp_path / f"bench{suffix}"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "deployment_noop_vs_celery_baseline_p50" in proc.stdout  # the terminal table
     assert "CPU ms per request" in proc.stdout
+    assert "Open loop: Poisson arrivals" in proc.stdout

@@ -75,3 +75,56 @@ def test_main_reads_two_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     b.write_text(json.dumps(_result(5.5, [5.45, 5.5, 5.55])))
     assert main([str(a), str(b), "--spread", "3"]) == 0
     assert "3 x the rounds' combined spread" in capsys.readouterr().out
+
+
+def _grown(base: dict[str, Any]) -> dict[str, Any]:
+    """``base`` as a later run writes it: a new lane, a new lane key, a new ratio; one gone."""
+    grown = json.loads(json.dumps(base))
+    grown["lanes"]["open_loop"] = {"capacity_req_s": 280.0, "max_rate_p99_50ms": {"infer": 250.0}}
+    grown["lanes"]["deployment_noop"]["saturated_req_s"] = 500.0
+    grown["ratios"]["open_loop_batched_vs_infer_max_rate_p99"] = 1.2
+    del grown["ratios"]["x_vs_y_p50"]
+    return grown
+
+
+def test_what_only_one_file_has_is_added_or_removed_not_a_failure() -> None:
+    before = _result(5.0, [4.95, 5.0, 5.05])
+    same, text = compare(before, _grown(before))
+    assert not same  # the shapes differ, and the text says how
+    assert "shape: differs" in text
+    assert "lanes added: open_loop" in text
+    assert "deployment_noop keys added: saturated_req_s" in text
+    assert "ratios added: open_loop_batched_vs_infer_max_rate_p99" in text
+    assert "ratios removed: x_vs_y_p50" in text
+    assert "open_loop (added)" in text
+    assert _line(text, "max_rate_p99_50ms.infer").split()[-1] == "added"
+    assert _line(text, "saturated_req_s").split()[-2:] == ["500.000", "added"]
+    assert _line(text, "open_loop_batched_vs_infer_max_rate_p99").split()[-1] == "added"
+    assert _line(text, "x_vs_y_p50").split()[-1] == "removed"
+    assert "rtt_ms.p50" in text  # the figures both have are still compared
+    # The other way round: removed.
+    _, text = compare(_grown(before), before)
+    assert "lanes removed: open_loop" in text and "open_loop (removed)" in text
+
+
+def test_main_exits_0_when_files_differ_in_shape(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    before = _result(5.0, [4.95, 5.0, 5.05])
+    a.write_text(json.dumps(before))
+    b.write_text(json.dumps(_grown(before)))
+    assert main([str(a), str(b)]) == 0
+    assert "lanes added: open_loop" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("content", [None, "{not json", '{"lanes": {}}', "[1, 2]"])
+def test_main_exits_2_on_an_input_that_is_not_a_results_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], content: str | None
+) -> None:
+    good, bad = tmp_path / "good.json", tmp_path / "bad.json"
+    good.write_text(json.dumps(_result(5.0, None)))
+    if content is not None:
+        bad.write_text(content)
+    assert main([str(good), str(bad)]) == 2
+    assert "bad.json" in capsys.readouterr().err
