@@ -15,7 +15,8 @@ echoed through :func:`echo`, which cuts it short.
     │   ├── BadRequirements        a ``requires`` header that is not a valid requirement
     │   ├── MalformedMessage       a message no worker can run (undecodable, refused type, unknown task)
     │   ├── UnknownModel
-    │   ├── MalformedPayload       not a tensor envelope / cannot be decoded
+    │   ├── MalformedPayload       not a tensor envelope / cannot be decoded (a blob's bad length or hash too)
+    │   ├── InputExpired           a claim-checked input's blob is gone from Redis (expired or already used)
     │   ├── PayloadTooLarge        over the configured byte limit
     │   ├── UnsupportedDtype       the worker's device cannot run that precision
     │   └── InvalidInput           decoded, but wrong for this model
@@ -46,6 +47,7 @@ __all__ = [
     "ConfigurationError",
     "DtypeMismatch",
     "InferenceError",
+    "InputExpired",
     "InvalidInput",
     "MalformedMessage",
     "MalformedPayload",
@@ -130,6 +132,14 @@ class UnknownModel(RequestError):
 
 class MalformedPayload(RequestError):
     """The input is not a tensor envelope ``{dtype, shape, data}`` or a numeric list."""
+
+
+class InputExpired(RequestError):
+    """A claim-checked input's blob is no longer in Redis (its TTL ran out, or it was used).
+
+    Resubmit the request; raise ``INFER_CLAIM_CHECK_TTL_S`` on the client if
+    requests wait in the queue longer than it.
+    """
 
 
 class PayloadTooLarge(RequestError):

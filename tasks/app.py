@@ -25,7 +25,14 @@ from tasks.wire.codec import display
 if TYPE_CHECKING:
     from routing.router import CapabilityRouter
 
-__all__ = ["SENT_AT_HEADER", "InferenceApp", "app", "broker_use_ssl", "celery_config"]
+__all__ = [
+    "SENT_AT_HEADER",
+    "InferenceApp",
+    "app",
+    "broker_use_ssl",
+    "celery_config",
+    "prefetch_multiplier",
+]
 
 # Wall-clock publish time, added to every task message so the worker can
 # report queue wait (meaningful across hosts when their clocks are synced).
@@ -188,7 +195,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # Celery's native delayed delivery, which needs topic exchanges.
         "task_default_exchange_type": "topic",
         "task_create_missing_queue_exchange_type": "topic",
-        "worker_prefetch_multiplier": settings.prefetch_multiplier,
+        "worker_prefetch_multiplier": prefetch_multiplier(settings),
         "task_time_limit": settings.task_time_limit,
         "task_soft_time_limit": settings.task_soft_time_limit,
         "result_expires": settings.result_expires,
@@ -201,6 +208,25 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_proc_alive_timeout": settings.worker_init_timeout,
         "broker_channel_error_retry": True,
     }
+
+
+def prefetch_multiplier(settings: Settings) -> int:
+    """Messages reserved per pool process: a batching worker reserves whole batches.
+
+    A batching worker (``INFER_BATCHING``, prefork, one child) must hold a
+    batch's worth of unacked messages for a batch to form: it reserves
+    ``INFER_BATCH_RESERVE`` (2) times the largest ``max_batch_size`` of any
+    model, one batch computing while the next fills.  On quorum queues,
+    which have no global QoS, Celery applies it per consumer
+    (``worker_detect_quorum_queues``).  The cost: those messages are not
+    available to another worker until this one acks or dies.
+    """
+    if not settings.batching:
+        return settings.prefetch_multiplier
+    from models.registry import SPECS
+
+    largest = max([settings.max_batch_size, *(s.max_batch_size or 0 for s in SPECS.values())])
+    return max(settings.prefetch_multiplier, settings.batch_reserve * largest)
 
 
 app = InferenceApp()

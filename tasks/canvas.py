@@ -8,7 +8,9 @@ The chunks are published with pipelined confirms (:mod:`tasks.client.publish`):
 all are sent, then their confirms collected together, and ``infer_many``
 returns once every chunk is confirmed (else :class:`PublishFailed` names them).
 Every chunk is checked before anything is published, so a bad input raises
-its typed error (naming the index range) with nothing sent.
+its typed error (naming the index range) with nothing sent.  A chunk over
+``INFER_CLAIM_CHECK_BYTES`` goes by reference (:mod:`tasks.wire.blobs`): its
+blob is written to Redis, every chunk's in one pipeline, before publishing.
 
 If a chunk fails on a worker, the chord body does not run (Celery's chord
 semantics) and :meth:`ManyResult.get` raises :class:`ChunkFailed` naming the
@@ -39,6 +41,7 @@ from tasks.app import app
 from tasks.client.publish import publish_many
 from tasks.client.results import outputs
 from tasks.inference import infer
+from tasks.wire import blobs
 from tasks.wire.codec import NO_LIMIT, decode, encode
 from tasks.wire.request import as_array
 
@@ -120,9 +123,13 @@ def infer_many(
             check_input(spec, array[lo:hi], limit)
         except RequestError as e:
             raise type(e)(f"inputs [{lo}:{hi}]: {e}") from e
-    return publish_chord(
-        [infer.s(model, array[lo:hi], dtype).set(**options) for lo, hi in ranges], ranges
-    )
+    writer = blobs.writer_for(app)  # None: claim checks off
+    chunks: list[Any] = [array[lo:hi] for lo, hi in ranges]
+    if writer is not None:
+        # A chunk over INFER_CLAIM_CHECK_BYTES travels as a reference: all blobs in one pipeline.
+        chunks = [writer.add(c) if writer.wants(c.nbytes) else c for c in chunks]
+        writer.write()
+    return publish_chord([infer.s(model, c, dtype).set(**options) for c in chunks], ranges)
 
 
 def publish_chord(header: list[Signature], ranges: list[tuple[int, int]]) -> ManyResult:

@@ -11,9 +11,9 @@
 stamp its send time (``infer_sent_at``: every client of this project's app
 does; a plain Celery client does not).
 
-With dynamic batching on (``INFER_BATCHING``, threads pool), a one-sample
-request may share its forward pass with others: ``forward_batch`` says with
-how many, and ``compute_ms`` is that whole pass.
+With dynamic batching on (``INFER_BATCHING``), a request may share its
+forward pass with others (:mod:`tasks.worker.strategy`): ``forward_batch``
+says how many samples that pass had, and ``compute_ms`` is that whole pass.
 
 ``infer.map(model, samples, dtype=None, **options)`` sends one request per
 sample with pipelined publisher confirms (:mod:`tasks.client.publish`) and
@@ -34,11 +34,12 @@ from celery.utils import uuid
 
 from models.errors import BadArguments, RequestError
 from models.registry import get_spec
-from models.validation import check_size
+from models.validation import check_input
 from tasks.app import SENT_AT_HEADER, app
 from tasks.client.publish import DEFAULT_WINDOW, MapResult, publish_many
+from tasks.wire import blobs
 from tasks.wire.codec import encode, to_array
-from tasks.wire.request import check_dtype, checked_inputs, infer_call
+from tasks.wire.request import as_array, check_dtype, checked_inputs, infer_call
 from tasks.worker.dedup import IdempotentTask
 
 __all__ = ["InferenceTask", "infer"]
@@ -54,6 +55,8 @@ class InferenceTask(IdempotentTask):
     client checks; the worker then raises the same errors.
     """
 
+    # With INFER_BATCHING on a prefork worker, the consumer batches requests (tasks.worker.strategy).
+    Strategy = "tasks.worker.strategy:batching"
     # Wrong arguments raise BadArguments (tasks.wire.request.infer_call) on every
     # path, before Celery's own signature check could raise a bare TypeError.
     typing = False
@@ -68,7 +71,10 @@ class InferenceTask(IdempotentTask):
         **options: Any,
     ) -> Any:
         serializer = options.get("serializer") or app.infer_settings.serializer
-        args, kwargs = prepare_request(args, kwargs, serializer)
+        writer = blobs.writer_for(app)  # None: claim checks off
+        args, kwargs = prepare_request(args, kwargs, serializer, writer)
+        if writer is not None:
+            writer.write()  # the blob is in Redis before its reference is published
         return super().apply_async(args, kwargs, **options)
 
     def map(  # replaces Celery's Task.map (an xmap signature of celery.map)
@@ -100,15 +106,18 @@ class InferenceTask(IdempotentTask):
         if len(samples) == 0:
             raise RequestError("infer.map needs at least one sample")
         serializer = options.get("serializer") or app.infer_settings.serializer
+        writer = blobs.writer_for(app)  # None: claim checks off
         calls = []
         for index in range(len(samples)):  # check every sample before publishing any
             try:
                 call = (model, samples[index]) if dtype is None else (model, samples[index], dtype)
-                calls.append(prepare_request(call, None, serializer))
+                calls.append(prepare_request(call, None, serializer, writer))
             except RequestError as e:
                 raise type(e)(f"samples[{index}]: {e}") from e
         if "task_id" in options:
             raise BadArguments("infer.map gives each request its own task id: do not pass task_id")
+        if writer is not None:
+            writer.write()  # every blob in one pipeline, before any reference is published
         ids = [uuid() for _ in calls]
         apply_async = super().apply_async  # Celery's own: routing, message, signals
 
@@ -132,22 +141,42 @@ class InferenceTask(IdempotentTask):
         infer_call(sent if sent is not None else args, kwargs)
         return super().__call__(*args, **kwargs)
 
+    def after_return(
+        self, status: str, retval: Any, task_id: str, args: Any, kwargs: Any, einfo: Any
+    ) -> None:
+        # A claim-checked input's blob goes once the outcome is stored: Celery's tracer
+        # (celery/app/trace.py) calls after_return after mark_as_done or mark_as_failure, and
+        # not for RETRY, IGNORED (a duplicate) or REJECTED, nor when the worker died mid-task
+        # (then the redelivery still needs the blob).
+        blobs.release(self.app, infer_call(args, kwargs, strict=False).inputs)
+        super().after_return(status, retval, task_id, args, kwargs, einfo)
+
 
 def prepare_request(
-    args: Any, kwargs: Any, serializer: str = "msgpack"
+    args: Any, kwargs: Any, serializer: str = "msgpack", writer: blobs.BlobWriter | None = None
 ) -> tuple[list[Any], dict[str, Any]]:
     """Validate an ``infer`` call and encode array inputs; return the (args, kwargs) to publish.
 
-    Arrays travel as raw bytes under msgpack and as base64 under json.
+    Arrays travel as raw bytes under msgpack and as base64 under json.  With a
+    ``writer``, an input over its threshold (``INFER_CLAIM_CHECK_BYTES``, raw
+    bytes) is added to it and travels as its reference: the caller writes the
+    blobs before publishing.  A reference given as input passes unchecked (the
+    worker checks what it points to).
     """
     model, inputs, dtype = infer_call(args, kwargs)
     args, kwargs = list(args or ()), dict(kwargs or {})
     spec = get_spec(model)
     check_dtype(dtype)
-    checked_inputs(spec, inputs, app.infer_settings.max_payload_bytes)
-    array = to_array(inputs)
-    if array is not None:
-        inputs = encode(array, binary=serializer == "msgpack")
+    if blobs.is_reference(inputs):
+        return args, kwargs
+    limit = app.infer_settings.max_payload_bytes
+    native = to_array(inputs)  # a numpy array or a torch tensor, else None
+    array = as_array(inputs if native is None else native, limit)
+    check_input(spec, array, limit)
+    if writer is not None and writer.wants(array.nbytes):
+        inputs = writer.add(array)
+    elif native is not None:
+        inputs = encode(native, binary=serializer == "msgpack")
     if len(args) > 1:
         args[1] = inputs
     else:
@@ -157,50 +186,38 @@ def prepare_request(
 
 @app.task(bind=True, base=InferenceTask, name="tasks.infer")
 def infer(self: InferenceTask, model: str, inputs: Any, dtype: str | None = None) -> dict[str, Any]:
-    """Run ``model`` on ``inputs`` (one sample or a batch) on this worker's device."""
+    """Run ``model`` on ``inputs`` (one sample or a batch) on this worker's device.
+
+    This body serves a request alone; a batching worker serves most requests
+    through :func:`tasks.worker.batch_job.run_batch` instead, with the same
+    checks and the same reply.
+    """
     from models.runner import forward, resolve_dtype
     from tasks.worker import metrics
+    from tasks.worker.batch_job import reply
     from tasks.worker.runtime import get_runtime
 
     started = time.time()
     settings = app.infer_settings
     spec = get_spec(model)
     check_dtype(dtype)
+    inputs = blobs.resolve(app, inputs, settings.max_payload_bytes)  # a reference: its blob's array
     batch = checked_inputs(spec, inputs, settings.max_payload_bytes)
     runtime = get_runtime()
     precision = resolve_dtype(dtype, spec, runtime.device)
-    batch_size, batch_wait_ms = int(batch.shape[0]), 0.0
-    if runtime.batcher is not None and batch.shape[0] == 1:
-        # One sample: join other concurrent requests for the same key in one forward pass.
-        key = (spec.name, precision, batch.shape[1:], batch.dtype.str)
-        future = runtime.batcher.submit(key, batch[0])
-        row, batch_size, batch_wait_ms, compute_ms = future.result(
-            timeout=settings.task_soft_time_limit
-        )
-        outputs = row[None]
-    else:
-        outputs, compute_ms = forward(
-            runtime.model(spec, precision), batch, runtime.device, precision
-        )
-        metrics.observe_forward(spec.name, precision, batch_size, compute_ms)
-    check_size(outputs.nbytes, settings.max_payload_bytes)
-    finished = time.time()
-    sent_at = getattr(self.request, SENT_AT_HEADER, None)
-    # A producer that does not stamp the send time (any client but ours): the wait is unknown.
-    sent = float(sent_at) if isinstance(sent_at, int | float) and sent_at > 0 else None
-    return {
-        "model": spec.name,
-        "outputs": encode(outputs, binary=settings.binary_tensors),
-        "batch_size": int(batch.shape[0]),
-        "forward_batch": batch_size,  # samples in the forward pass that served this request
-        "worker": self.request.hostname,
-        "device": str(runtime.device),
-        "dtype": precision,
-        "timing": {
-            "queue_wait_ms": None if sent is None else max(0.0, (started - sent) * 1000.0),
-            "batch_wait_ms": batch_wait_ms,
-            "compute_ms": compute_ms,
-            "service_ms": (finished - started) * 1000.0,
-            "total_ms": None if sent is None else max(0.0, (finished - sent) * 1000.0),
-        },
-    }
+    outputs, compute_ms = forward(runtime.model(spec, precision), batch, runtime.device, precision)
+    metrics.observe_forward(spec.name, precision, len(batch), compute_ms)
+    return reply(
+        spec,
+        outputs,
+        batch_size=len(batch),
+        forward_batch=len(batch),
+        worker=self.request.hostname,
+        device=str(runtime.device),
+        precision=precision,
+        sent_at=getattr(self.request, SENT_AT_HEADER, None),
+        started=started,
+        finished=time.time(),
+        batch_wait_ms=0.0,
+        compute_ms=compute_ms,
+    )

@@ -128,6 +128,23 @@ class Settings:
     max_payload_bytes: int = setting(
         "INFER_MAX_PAYLOAD_BYTES", 8 * 1024 * 1024, "largest accepted input tensor, bytes (8 MiB)"
     )
+    claim_check_bytes: int = setting(
+        "INFER_CLAIM_CHECK_BYTES",
+        1024 * 1024,
+        "inputs over this many raw bytes go by reference in Redis (claim check; 1 MiB); 0: off",
+        at_least=0,
+    )
+    claim_check_ttl_s: int = setting(
+        "INFER_CLAIM_CHECK_TTL_S",
+        3600,
+        "how long a claim-checked input may wait in Redis for a worker, s",
+    )
+    blob_url: str | None = setting(
+        "INFER_BLOB_URL",
+        None,
+        "Redis for claim-checked inputs: redis://host:6379/1",
+        shown="the result backend",
+    )
     device: str = setting("INFER_DEVICE", "auto", "cpu, cuda:N or auto (cuda:0 if there is one)")
     preload: tuple[str, ...] = setting("INFER_PRELOAD", (), "models loaded at worker start")
     cache_budget_mb: int = setting(
@@ -196,7 +213,12 @@ class Settings:
         "INFER_METRICS_ADDR", "127.0.0.1", "address the metrics server listens on"
     )
     batching: bool = setting(
-        "INFER_BATCHING", False, "dynamic batching in this worker (threads pool)"
+        "INFER_BATCHING", False, "dynamic batching in this worker (one pool job per batch)"
+    )
+    batch_reserve: int = setting(
+        "INFER_BATCH_RESERVE",
+        2,
+        "batches a batching worker reserves per pool process (its prefetch, in max batches)",
     )
     max_batch_size: int = setting(
         "INFER_MAX_BATCH_SIZE", 32, "default largest dynamic batch (the model registry's wins)"
@@ -263,6 +285,11 @@ class Settings:
                 f"INFER_TASK_TIME_LIMIT ({self.task_time_limit}s) must be below RabbitMQ's "
                 f"consumer_timeout ({self.rabbitmq_consumer_timeout}s), or the broker closes the "
                 "channel of a worker still running a task: lower the limit or raise consumer_timeout"
+            )
+        if self.blob_url and not self.blob_url.startswith(("redis://", "rediss://", "unix://")):
+            raise ConfigurationError(
+                f"INFER_BLOB_URL={maybe_sanitize_url(self.blob_url)} is not a Redis URL: use "
+                "redis://host:6379/0, rediss://... or unix:///path/to/redis.sock"
             )
         if self.queue_type not in QUEUE_TYPES:
             raise ConfigurationError(

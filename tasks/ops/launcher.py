@@ -57,7 +57,7 @@ class WorkerProcess:
         self.logfile = logdir / f"worker-{name}.log"
         self.queues = queues
         # Another app's worker (the benchmark's vanilla Celery peer) may pass its own argv.
-        self.command = command or worker_argv(name, device, queues, batching=batching)
+        self.command = command or worker_argv(name, device, queues)
         self.env = dict(os.environ if env is None else env)
         self.env["INFER_DEVICE"] = device
         self.env["INFER_PRELOAD"] = ",".join(preload)

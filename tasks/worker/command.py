@@ -19,8 +19,6 @@ def worker_argv(
     device: str,
     queues: list[str] | None = None,
     loglevel: str = "INFO",
-    batching: bool = False,
-    concurrency: int = 32,
 ) -> list[str]:
     """The ``celery worker`` command line for a worker bound to ``device``.
 
@@ -41,9 +39,9 @@ def worker_argv(
         "-Q",
         ",".join(queues),
         "-P",
-        "threads" if batching else "prefork",
+        "prefork",
         "-c",
-        str(concurrency) if batching else "1",
+        "1",
         "--without-gossip",
         "--without-mingle",
         "-l",
@@ -59,13 +57,13 @@ def worker_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", default="cpu0", help="node name and own queue, e.g. gpu0 or cpu1")
     parser.add_argument("--device", default="cpu", help="cpu, cuda:N or auto")
     parser.add_argument(
-        "--batching", action="store_true", help="dynamic batching (threads pool, many in flight)"
+        "--batching", action="store_true", help="dynamic batching (one pool job per batch)"
     )
     parser.add_argument(
         "--print", action="store_true", help="print the command instead of running it"
     )
     args = parser.parse_args(argv)
-    cmd = worker_argv(args.name, args.device, batching=args.batching)
+    cmd = worker_argv(args.name, args.device)
     print(" ".join(cmd), flush=True)
     if args.print:
         return 0

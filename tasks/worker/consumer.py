@@ -115,7 +115,26 @@ def caller_error(
 
 
 class TelemetryConsumer(Consumer):
-    """Dead-letters every message it cannot run and fails its task id; events without confirms."""
+    """Dead-letters every message it cannot run and fails its task id; events without confirms.
+
+    It also keeps the batching strategies (:mod:`tasks.worker.strategy`) by
+    task name, so that a lost connection drops the requests waiting in a batch
+    with Celery's other reserved requests.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.batching_strategies: dict[str, Any] = {}
+        super().__init__(*args, **kwargs)
+
+    def on_close(self) -> None:
+        from tasks.worker.strategy import discard_waiting
+
+        dropped = discard_waiting(self)
+        if dropped:
+            log.warning(
+                "connection lost: %d requests waiting in a batch go back to the queue", dropped
+            )
+        super().on_close()
 
     def on_decode_error(self, message: Any, exc: Exception) -> None:
         if message.delivery_info.get("consumer_tag") in (message.channel.no_ack_consumers or ()):

@@ -1,4 +1,4 @@
-"""The runtime of the process that owns the device: device, model cache, dynamic batcher.
+"""The runtime of the process that owns the device: device, model cache, batched forward passes.
 
 Pool choice: device workers run Celery's prefork pool with one child
 (``-P prefork -c 1``).  The parent never imports CUDA; the child creates the
@@ -9,8 +9,10 @@ enforces ``task_time_limit`` (it kills the child), and a crash in native code
 respawns a child, and ``task_reject_on_worker_lost`` sends the message back to
 the queue.  A ``solo``/``threads`` pool also works (the runtime is then built
 in the main process, which never forks), but without enforced hard time
-limits.  Workers with dynamic batching (``--batching``) use ``-P threads``:
-batching needs many requests in flight in the one process that owns the device.
+limits.  Workers with dynamic batching (``--batching``) stay prefork with one
+child: the main process assembles batches (:mod:`tasks.worker.strategy`) and
+hands each to the child as one pool job (:mod:`tasks.worker.batch_job`), which
+runs it through :meth:`WorkerRuntime.forward_batch`.
 """
 
 from __future__ import annotations
@@ -27,9 +29,7 @@ from models.registry import ModelSpec, get_spec
 from tasks.app import app
 from tasks.settings import Settings
 from tasks.worker import metrics
-from tasks.worker.batcher import BatchPolicy, DynamicBatcher
 from tasks.worker.device import device_memory
-from tasks.worker.running import running_tasks
 
 if TYPE_CHECKING:
     import torch
@@ -59,26 +59,16 @@ class WorkerRuntime:
             size_of=size_of,
             on_evict=lambda key: metrics.observe_eviction(*key),
         )
-        self.batcher: DynamicBatcher | None = None
         # Called after a load or unload (the heartbeat's beat, once it runs).
         self.on_change: Callable[[], None] | None = None
-        if settings.batching:
-            self.batcher = DynamicBatcher(
-                self._run_batch, self._policy, self._memory_cap, active=running_tasks
-            )
         self._sample_bytes: dict[Hashable, int] = {}
 
     # Batch key: (model, compute precision, sample shape, input dtype).
-    def _policy(self, key: Hashable) -> BatchPolicy:
-        spec = get_spec(key[0])  # type: ignore[index]
-        return BatchPolicy(
-            max_batch_size=spec.max_batch_size or self.settings.max_batch_size,
-            max_wait_ms=spec.max_wait_ms
-            if spec.max_wait_ms is not None
-            else self.settings.max_wait_ms,
-        )
+    def forward_batch(self, key: Hashable, stacked: np.ndarray) -> tuple[np.ndarray, float]:
+        """One forward pass over ``stacked`` for ``key``; outputs and compute ms.
 
-    def _run_batch(self, key: Hashable, stacked: np.ndarray) -> tuple[np.ndarray, float]:
+        On CUDA it measures the peak memory per sample, which :meth:`memory_cap` uses.
+        """
         import torch
 
         from models.runner import forward
@@ -96,7 +86,7 @@ class WorkerRuntime:
         metrics.observe_forward(name, precision, len(stacked), result[1])
         return result
 
-    def _memory_cap(self, key: Hashable, sample: np.ndarray) -> int | None:
+    def memory_cap(self, key: Hashable) -> int | None:
         """Largest batch the device's free memory allows for this key (measured per sample)."""
         per_sample = self._sample_bytes.get(key)
         if self.device.type != "cuda" or not per_sample:

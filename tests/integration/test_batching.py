@@ -1,14 +1,27 @@
-"""Dynamic batching in a real threads-pool worker, and infer_many through a real chord."""
+"""The batching worker (tasks.worker.strategy) against real RabbitMQ, Redis and worker processes.
+
+Each request of a batch keeps its own task id, state, result, events and ack.
+To make requests wait together in a batch, a test first holds the worker's
+pool child with ``tasks.diag.sleep``: everything that arrives meanwhile waits
+in the main process and leaves as batches once the child is free.  The worker
+loads the fault suite's execution ledger (``--include``), so a test can prove
+that a request was never computed.
+"""
 
 from __future__ import annotations
 
+import os
+import re
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 from celery import chord
+from celery.exceptions import TaskRevokedError
 
 from models import errors
 from models.registry import get_spec
@@ -16,72 +29,131 @@ from models.runner import reference_forward
 from routing.queues import direct_queue
 from tasks import app, infer, infer_many
 from tasks.canvas import ManyResult, gather
+from tasks.diagnostics import count, sleep
 from tasks.ops.launcher import WorkerProcess
 from tasks.wire.topology import remove_topology
-from tests.integration.conftest import queue_depth
+from tasks.worker.command import worker_argv
+from tests.integration.conftest import eventually, queue_depth
+from tests.integration.flower_server import running_flower
+from tests.reliability.ledger_hook import LEDGER_HEADER
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+LEDGER = ["--include", "tests.reliability.ledger_hook"]
+
+
+def batching_process(name: str, logdir: Path, **env: str) -> WorkerProcess:
+    queues = [direct_queue(name, name), name]
+    return WorkerProcess(
+        name,
+        "cpu",
+        logdir=logdir,
+        batching=True,
+        queues=queues,
+        preload=("cnn", "mlp"),
+        command=[*worker_argv(name, "cpu", queues), *LEDGER],
+        env={**os.environ, "INFER_TASK_EVENTS": "true", **env},
+    )
 
 
 @pytest.fixture(scope="module")
 def batching_worker(
     run_id: str, tmp_path_factory: pytest.TempPathFactory, weights_dir: Path
 ) -> Iterator[WorkerProcess]:
-    name, fallback = f"bw-{run_id}", f"bw-{run_id}"
-    w = WorkerProcess(
-        name,
-        "cpu",
-        logdir=tmp_path_factory.mktemp("batching"),
-        batching=True,
-        queues=[direct_queue(fallback, name), fallback],
-        preload=("cnn", "mlp"),
-    )
+    w = batching_process(f"bw-{run_id}", tmp_path_factory.mktemp("batching"))
     with w:
         yield w
     remove_topology(app, w.consumed_queues)
 
 
-def test_200_concurrent_requests_batch_and_match_unbatched(
+def hold_child(worker: WorkerProcess, seconds: float = 1.5) -> Any:
+    """Keep the pool child busy, so the requests sent next wait together in a batch."""
+    held = sleep.apply_async((seconds,), queue=worker.own_queue)
+    eventually(lambda: _started(worker, held.id), timeout=30, what="the sleep task to start")
+    return held
+
+
+def _started(worker: WorkerProcess, task_id: str) -> bool:
+    # An idle worker sends a received task straight to its pool child.
+    return f"{task_id}] received" in worker.log_tail(400) or app.AsyncResult(task_id).ready()
+
+
+def mlp_sample(i: int) -> np.ndarray:
+    return np.full(64, i / 100, np.float32)
+
+
+def test_500_concurrent_requests_batch_and_match_unbatched(
     batching_worker: WorkerProcess, weights_dir: Path
 ) -> None:
-    x = np.random.default_rng(5).standard_normal((200, 3, 32, 32), dtype=np.float32)
-    pending = [
-        infer.apply_async(("cnn", x[i]), queue=batching_worker.own_queue) for i in range(200)
-    ]
-    replies = [p.get(timeout=120) for p in pending]
+    x = np.random.default_rng(5).standard_normal((500, 3, 32, 32), dtype=np.float32)
+    result = infer.map("cnn", x, queue=batching_worker.own_queue)  # 500 in flight at once
+    replies = result.get(timeout=180)
     got = np.concatenate(
         [np.frombuffer(r["outputs"]["data"], np.float32).reshape(1, 10) for r in replies]
     )
-    expected = np.concatenate(
-        [reference_forward(get_spec("cnn"), x[i : i + 1], weights_dir) for i in range(200)]
-    )
+    expected = reference_forward(get_spec("cnn"), x, weights_dir)
     assert np.allclose(got, expected, atol=1e-4)
     sizes = [r["forward_batch"] for r in replies]
-    assert max(sizes) > 1 and sum(s > 1 for s in sizes) > 100  # most rode in a shared pass
+    assert max(sizes) > 1 and sum(s > 1 for s in sizes) > 250  # most rode in a shared pass
     assert all(r["batch_size"] == 1 for r in replies)  # each is still its own task and result
-    assert len({p.id for p in pending}) == 200
+    assert len(set(result.ids)) == 500
+    assert all(app.AsyncResult(i).state == "SUCCESS" for i in result.ids[:20])
 
 
 def test_a_bad_request_in_a_batch_fails_alone(batching_worker: WorkerProcess) -> None:
-    good = [np.full(64, i / 10, np.float32) for i in range(20)]
+    q = batching_worker.own_queue
+    held = hold_child(batching_worker)
+    good = [infer.apply_async(("mlp", mlp_sample(i)), queue=q) for i in range(10)]
     bad_env = {"dtype": "float32", "shape": [64], "data": [float("nan")] * 64}
-    pending = [infer.apply_async(("mlp", g), queue=batching_worker.own_queue) for g in good[:10]]
-    bad = app.send_task("tasks.infer", args=("mlp", bad_env), queue=batching_worker.own_queue)
-    pending += [infer.apply_async(("mlp", g), queue=batching_worker.own_queue) for g in good[10:]]
+    bad = app.send_task("tasks.infer", args=("mlp", bad_env), queue=q)
+    good += [infer.apply_async(("mlp", mlp_sample(i)), queue=q) for i in range(10, 20)]
+    held.get(timeout=30)
     with pytest.raises(errors.NonFiniteInput):
         bad.get(timeout=60)
-    assert all(p.get(timeout=60)["batch_size"] == 1 for p in pending)
+    replies = [p.get(timeout=60) for p in good]
+    assert all(r["batch_size"] == 1 for r in replies)
+    assert max(r["forward_batch"] for r in replies) == 20  # all good ones in the bad one's pass
+    assert batching_worker.alive()
 
 
-def test_infer_many_over_2000_inputs_returns_them_in_order(
+def test_a_chord_whose_header_was_batched_runs_its_body_once(
+    batching_worker: WorkerProcess,
+) -> None:
+    q = batching_worker.own_queue
+    held = hold_child(batching_worker)
+    header = [infer.s("mlp", mlp_sample(i)).set(queue=q) for i in range(12)]
+    result = chord(header)(count.s().set(queue=q))
+    held.get(timeout=30)
+    assert result.get(timeout=60)["count"] == 12
+    parts = [r.get(timeout=10) for r in result.parent.results]
+    assert max(p["forward_batch"] for p in parts) > 1  # the header parts shared passes
+    ran = re.findall(
+        rf"tasks\.diag\.count\[{result.id}\] succeeded", batching_worker.log_tail(2000)
+    )
+    assert len(ran) == 1
+
+
+def test_infer_many_through_a_chord_and_a_failing_chunk_named_by_range(
     batching_worker: WorkerProcess, weights_dir: Path
 ) -> None:
+    q = batching_worker.own_queue
     x = np.random.default_rng(9).standard_normal((2000, 64), dtype=np.float32)
-    result = infer_many("mlp", x, batch_size=128, queue=batching_worker.own_queue)
-    got = result.get(timeout=180)
-    assert got.shape == (2000, 10)
-    assert np.allclose(got, reference_forward(get_spec("mlp"), x, weights_dir), atol=1e-4)
-    assert len(result.ranges) == 16 and result.ranges[-1] == (1920, 2000)
+    result = infer_many("mlp", x, batch_size=128, queue=q)
+    assert np.allclose(
+        result.get(timeout=180), reference_forward(get_spec("mlp"), x, weights_dir), atol=1e-4
+    )
+    good = np.zeros((10, 64), np.float32)
+    # The middle chunk asks for fp16: it passes the client's checks, and a CPU worker refuses it.
+    header = [
+        infer.s("mlp", good).set(queue=q),
+        infer.s("mlp", good, "fp16").set(queue=q),
+        infer.s("mlp", good).set(queue=q),
+    ]
+    body = chord(header)(gather.s().set(queue=q))
+    failing = ManyResult(body, body.parent, [(0, 10), (10, 20), (20, 30)])
+    with pytest.raises(errors.ChunkFailed, match=r"inputs \[10:20\] failed: UnsupportedDtype"):
+        failing.get(timeout=60)
+    assert set(failing.partial()) == {(0, 10), (20, 30)}
 
 
 def test_infer_many_refuses_a_bad_chunk_before_publishing(batching_worker: WorkerProcess) -> None:
@@ -93,27 +165,65 @@ def test_infer_many_refuses_a_bad_chunk_before_publishing(batching_worker: Worke
     assert queue_depth(batching_worker.own_queue) == before == 0
 
 
-def test_a_failing_chunk_is_reported_with_its_range(batching_worker: WorkerProcess) -> None:
-    """A chunk that fails on the worker: the body never runs, the error names the range."""
-    q = batching_worker.own_queue
-    good = np.zeros((10, 64), np.float32)
-    # The middle chunk asks for fp16: it passes the client's checks, and a CPU worker refuses it.
-    header = [
-        infer.s("mlp", good).set(queue=q),
-        infer.s("mlp", good, "fp16").set(queue=q),
-        infer.s("mlp", good).set(queue=q),
-    ]
-    body = chord(header)(gather.s().set(queue=q))
-    result = ManyResult(body, body.parent, [(0, 10), (10, 20), (20, 30)])
-    with pytest.raises(errors.ChunkFailed, match=r"inputs \[10:20\] failed: UnsupportedDtype"):
-        result.get(timeout=60)
-    partial = result.partial()
-    assert set(partial) == {(0, 10), (20, 30)} and partial[(0, 10)].shape == (10, 10)
-
-
-def test_worker_killed_mid_batch_loses_nothing(
-    run_id: str, tmp_path: Path, weights_dir: Path
+def test_a_revoked_or_expired_request_waiting_in_a_batch_is_never_computed(
+    batching_worker: WorkerProcess,
 ) -> None:
+    q = batching_worker.own_queue
+    ledger = f"infer:ledger:batching:{uuid.uuid4().hex[:8]}"
+    headers = {LEDGER_HEADER: ledger}
+    held = hold_child(batching_worker, seconds=2.0)
+    pending = [
+        infer.apply_async(("mlp", mlp_sample(i)), queue=q, headers=dict(headers)) for i in range(6)
+    ]
+    expiring = infer.apply_async(
+        ("mlp", mlp_sample(7)), queue=q, headers=dict(headers), expires=0.5
+    )
+    revoked = pending[3]
+    revoked.revoke()  # arrives while it waits in the main process for the child
+    held.get(timeout=30)
+    with pytest.raises(TaskRevokedError):
+        revoked.get(timeout=30)
+    with pytest.raises(TaskRevokedError):
+        expiring.get(timeout=30)
+    assert revoked.state == "REVOKED" and expiring.state == "REVOKED"
+    others = [p.get(timeout=30) for i, p in enumerate(pending) if i != 3]
+    assert len(others) == 5
+    client = app.backend.client
+    executions = {k.decode(): int(v) for k, v in client.hgetall(ledger).items()}
+    client.delete(ledger)
+    assert revoked.id not in executions and expiring.id not in executions  # never computed
+    assert all(executions.get(p.id) == 1 for i, p in enumerate(pending) if i != 3)
+
+
+def test_flower_lists_every_request_of_a_batch(
+    batching_worker: WorkerProcess, tmp_path: Path
+) -> None:
+    with running_flower(tmp_path) as flower:
+        eventually(
+            lambda: batching_worker.hostname in flower.api("/api/workers?refresh=1"),
+            what=f"{batching_worker.hostname} in /api/workers",
+        )
+        q = batching_worker.own_queue
+        held = hold_child(batching_worker)
+        sent = [infer.apply_async(("mlp", mlp_sample(i)), queue=q) for i in range(16)]
+        held.get(timeout=30)
+        replies = [p.get(timeout=60) for p in sent]
+        assert max(r["forward_batch"] for r in replies) > 1
+
+        def listed() -> dict[str, Any] | None:
+            tasks = flower.api("/api/tasks")
+            states = {p.id: (tasks.get(p.id) or {}).get("state") for p in sent}
+            return tasks if all(s == "SUCCESS" for s in states.values()) else None
+
+        tasks = eventually(listed, what="every request of the batch as SUCCESS in /api/tasks")
+        for p in sent:
+            task = tasks[p.id]
+            assert task["name"] == "tasks.infer" and task["worker"] == batching_worker.hostname
+            assert task["received"] and task["started"] and task["succeeded"]
+            assert "<tensor" in task["result"] and "\\x" not in task["result"]
+
+
+def test_worker_killed_mid_batch_loses_none_of_500(run_id: str, tmp_path: Path) -> None:
     name, fallback = f"bk-{run_id}", f"bk-{run_id}"
     queues = [direct_queue(fallback, name), fallback]
     victim = WorkerProcess(
@@ -129,16 +239,19 @@ def test_worker_killed_mid_batch_loses_nothing(
     )
     try:
         victim.start().wait_ready()
-        x = np.random.default_rng(3).standard_normal((120, 3, 32, 32), dtype=np.float32)
-        pending = [infer.apply_async(("cnn", x[i]), queue=victim.own_queue) for i in range(120)]
+        x = np.random.default_rng(3).standard_normal((500, 3, 32, 32), dtype=np.float32)
+        result = infer.map("cnn", x, queue=victim.own_queue)
+        pending = [app.AsyncResult(i) for i in result.ids]
         deadline = time.monotonic() + 60
-        while not pending[0].ready():  # mid-stream: some done, the rest reserved or queued
+        while not any(p.ready() for p in pending[:50]):  # mid-stream: batches done and waiting
             assert time.monotonic() < deadline
-            time.sleep(0.01)
+            time.sleep(0.005)
+        done_before = sum(p.ready() for p in pending)
         victim.kill()
+        assert done_before < 500, "the victim finished everything before it was killed"
         rescuer.start().wait_ready()  # consumes the fallback queue the direct queue dead-letters to
-        replies = [p.get(timeout=120) for p in pending]
-        assert len(replies) == 120 and all(r["model"] == "cnn" for r in replies)
+        replies = [p.get(timeout=180) for p in pending]
+        assert len(replies) == 500 and all(r["model"] == "cnn" for r in replies)
         assert {r["worker"] for r in replies} <= {victim.hostname, rescuer.hostname}
         assert any(r["worker"] == rescuer.hostname for r in replies)
     finally:

@@ -186,6 +186,9 @@ class Fleet:
 
 FleetFactory = Callable[..., Fleet]
 
+# Scenarios that run against both workers: batch 1 and the batching strategy.
+BOTH_WORKERS = pytest.mark.parametrize("batching", [False, True], ids=["batch1", "batching"])
+
 
 @pytest.fixture
 def fleet(
@@ -198,10 +201,15 @@ def fleet(
 ) -> Iterator[FleetFactory]:
     """Start a fleet for one scenario; afterwards stop it, check and delete its queues."""
     fleets: list[Fleet] = []
-    scenario = request.node.name.removeprefix("test_").split("[")[0]
+    name = request.node.name.removeprefix("test_")
+    scenario = name.split("[")[0] + (f"-{name.split('[')[1].rstrip(']')}" if "[" in name else "")
 
-    def start(n: int = 2, preload: tuple[str, ...] = ("mlp",), **env: str) -> Fleet:
+    def start(
+        n: int = 2, preload: tuple[str, ...] = ("mlp",), batching: bool = False, **env: str
+    ) -> Fleet:
         queue = f"rel-{rel_id}-{scenario}"
+        if batching:  # the batching consumer strategy (tasks.worker.strategy)
+            env = {**env, "INFER_BATCHING": "true"}
         names = [f"{scenario}{i}-{rel_id}" for i in range(n)]
         workers = [
             WorkerProcess(

@@ -17,7 +17,7 @@ import pytest
 from models.errors import MalformedMessage
 from routing.queues import dead_letter_queue
 from tasks.wire.codec import encode
-from tests.reliability.conftest import FleetFactory
+from tests.reliability.conftest import BOTH_WORKERS, FleetFactory
 from tests.reliability.ledger import sample
 
 pytestmark = [pytest.mark.reliability, pytest.mark.integration]
@@ -143,9 +143,10 @@ EXPECTED = {
 }
 
 
-def test_bad_inputs_at_scale(fleet: FleetFactory) -> None:
+@BOTH_WORKERS
+def test_bad_inputs_at_scale(fleet: FleetFactory, batching: bool) -> None:
     """Scenario 9: 500 bad requests, each a typed error, 0 redeliveries, 0 crashes."""
-    f = fleet(2, INFER_MAX_PAYLOAD_BYTES=str(64 * 1024))
+    f = fleet(2, INFER_MAX_PAYLOAD_BYTES=str(64 * 1024), batching=batching)
     children = {w.name: f.pool_children(w) for w in f.workers}
     warm = [
         f.app.send_task("tasks.infer", ("mlp", sample(0)), queue=w.own_queue) for w in f.workers

@@ -8,14 +8,15 @@ import uuid
 import pytest
 from celery import chord
 
-from tests.reliability.conftest import FleetFactory
+from tests.reliability.conftest import BOTH_WORKERS, FleetFactory
 
 pytestmark = [pytest.mark.reliability, pytest.mark.integration]
 
 
-def test_chord_with_a_failing_header(fleet: FleetFactory) -> None:
+@BOTH_WORKERS
+def test_chord_with_a_failing_header(fleet: FleetFactory, batching: bool) -> None:
     """One header task raises: the body never runs and the errback runs exactly once."""
-    f = fleet(2)
+    f = fleet(2, batching=batching)
     # The client refuses bad inference inputs before publishing, so the failing
     # header task is one only the worker can refuse: a negative sleep.
     header = [
@@ -54,9 +55,10 @@ def test_chord_with_a_failing_header(fleet: FleetFactory) -> None:
     assert f.ledger.outcomes([joined.id])[joined.id]["status"] == "FAILURE"
 
 
-def test_chord_survives_a_killed_header_worker(fleet: FleetFactory) -> None:
+@BOTH_WORKERS
+def test_chord_survives_a_killed_header_worker(fleet: FleetFactory, batching: bool) -> None:
     """A header task's worker is killed mid-task: the body runs once, with 100 results."""
-    f = fleet(2)
+    f = fleet(2, batching=batching)
     victim, survivor = f.workers
     held_id = str(uuid.uuid4())
     header = [

@@ -11,15 +11,17 @@ import pytest
 from models.errors import TaskCrashed
 from routing.queues import dead_letter_queue
 from tasks.client.routes import wait_for_workers
-from tests.reliability.conftest import FleetFactory, Scale
+from tests.reliability.conftest import BOTH_WORKERS, FleetFactory, Scale
 from tests.reliability.ledger import sample
+from tests.reliability.ledger_hook import POISON_HEADER
 
 pytestmark = [pytest.mark.reliability, pytest.mark.integration]
 
 
-def test_kill_one_of_two_workers(fleet: FleetFactory, scale: Scale) -> None:
+@BOTH_WORKERS
+def test_kill_one_of_two_workers(fleet: FleetFactory, scale: Scale, batching: bool) -> None:
     """Scenario 2: kill -9 one of 2 workers mid-run; its work finishes on the other."""
-    f = fleet(2)
+    f = fleet(2, batching=batching)
     victim, survivor = f.workers
     wait_for_workers(f.app.router, {w.hostname for w in f.workers})
     n = scale.tasks
@@ -70,9 +72,10 @@ def test_kill_pool_child_repeatedly(fleet: FleetFactory, scale: Scale) -> None:
     assert target.alive()
 
 
-def test_poison_task_is_dead_lettered(fleet: FleetFactory, rapp: object) -> None:
+@BOTH_WORKERS
+def test_poison_task_is_dead_lettered(fleet: FleetFactory, rapp: object, batching: bool) -> None:
     """Scenario 4: a task that kills its process on every delivery, among 500 good ones."""
-    f = fleet(2)
+    f = fleet(2, batching=batching)
     limit = f.app.infer_settings.delivery_limit
     poison = f.ledger.send("tasks.diag.crash", queue=f.queue)
     assert poison is not None
@@ -96,4 +99,54 @@ def test_poison_task_is_dead_lettered(fleet: FleetFactory, rapp: object) -> None
     assert dead_ids == [poison]  # the poison task, and no good task, was dead-lettered
     report = f.ledger.report(timeout=10, poison_deliveries=deliveries, delivery_limit=limit)
     assert report.lost == 0 and report.failed == {"TaskCrashed": 1}
+    assert all(w.alive() for w in f.workers)
+
+
+def test_poison_request_inside_a_batch_takes_no_batch_mate_down(fleet: FleetFactory) -> None:
+    """A request that kills its process, riding in a batch of good ones: only it is dead-lettered.
+
+    The child is held by a sleep task while 300 good requests and the poison
+    arrive, so they wait together and leave in batches.  The poison's batch
+    dies with the child: every message of it is redelivered, each then runs
+    alone, so the poison dies alone until its delivery limit and its
+    batch-mates succeed.
+    """
+    f = fleet(1, batching=True)
+    limit = f.app.infer_settings.delivery_limit
+    f.ledger.send("tasks.diag.sleep", (1.5,), queue=f.queue)
+    good = [f.ledger.send("tasks.infer", ("mlp", sample(i)), queue=f.queue) for i in range(20)]
+    poison = f.ledger.send(
+        "tasks.infer", ("mlp", sample(999)), queue=f.queue, headers={POISON_HEADER: True}
+    )
+    assert poison is not None
+    good += [
+        f.ledger.send("tasks.infer", ("mlp", sample(i)), queue=f.queue) for i in range(20, 300)
+    ]
+    with pytest.raises(TaskCrashed, match="dead-letter queue"):
+        f.app.AsyncResult(poison).get(timeout=180)
+    outcomes = f.ledger.wait(timeout=180, ids=[g for g in good if g])
+    assert sum(1 for m in outcomes.values() if m["status"] == "SUCCESS") == 300
+    executions = f.ledger.executions()
+    assert 1 < executions[poison] <= limit + 1
+    batch_mates = [g for g in good if g and executions.get(g, 0) > 1]
+    assert batch_mates, "the poison never shared a batch: nothing was redelivered with it"
+    served_in = {outcomes[g]["result"]["forward_batch"] for g in good if g in outcomes}
+    assert max(served_in) > 1  # the good requests were batched
+    assert all(outcomes[g]["result"]["forward_batch"] == 1 for g in batch_mates)  # rerun alone
+    dead = dead_letter_queue(f.queue)
+    assert dead is not None
+    dead_ids = []
+    deadline = time.monotonic() + 30
+    with f.app.connection_for_write() as conn:
+        channel = conn.default_channel
+        while time.monotonic() < deadline and not dead_ids:
+            while (message := channel.basic_get(dead, no_ack=True)) is not None:
+                dead_ids.append(message.headers["id"])
+            time.sleep(0.2)
+    assert dead_ids == [poison]  # 0 good requests dead-lettered
+    report = f.ledger.report(
+        timeout=10, poison_deliveries=executions[poison], batch_mates_redelivered=len(batch_mates)
+    )
+    report.save()
+    assert report.lost == 0 and report.failed == {"TaskCrashed": 1}, report.line()
     assert all(w.alive() for w in f.workers)

@@ -16,7 +16,7 @@ from celery import chord
 from tasks.app import InferenceApp
 from tasks.settings import Settings
 from tasks.wire.backend import ResilientRedisBackend
-from tests.reliability.conftest import FleetFactory, RedisServer, Scale
+from tests.reliability.conftest import BOTH_WORKERS, FleetFactory, RedisServer, Scale
 from tests.reliability.ledger import sample
 
 pytestmark = [pytest.mark.reliability, pytest.mark.integration]
@@ -51,11 +51,12 @@ def rabbit_restart() -> Iterator[None]:
     _wait_amqp()
 
 
+@BOTH_WORKERS
 def test_rabbitmq_restart_while_publishing(
-    fleet: FleetFactory, scale: Scale, rabbit_restart: None
+    fleet: FleetFactory, scale: Scale, rabbit_restart: None, batching: bool
 ) -> None:
     """Scenario 5: every task is confirmed and completed, or reported unpublished."""
-    f = fleet(2)
+    f = fleet(2, batching=batching)
     n = scale.tasks
     done = threading.Event()
 
@@ -87,9 +88,12 @@ def test_rabbitmq_restart_while_publishing(
     assert [outcomes[i]["status"] for i in fresh if i] == ["SUCCESS", "SUCCESS"]
 
 
-def test_redis_restart_mid_run(fleet: FleetFactory, scale: Scale, own_redis: RedisServer) -> None:
+@BOTH_WORKERS
+def test_redis_restart_mid_run(
+    fleet: FleetFactory, scale: Scale, own_redis: RedisServer, batching: bool
+) -> None:
     """Scenario 6: Redis goes away and comes back; 0 results missing, chords complete."""
-    f = fleet(2)
+    f = fleet(2, batching=batching)
     n = scale.tasks
     header = [
         f.app.signature(

@@ -7,15 +7,16 @@ import time
 
 import pytest
 
-from tests.reliability.conftest import FleetFactory, Scale, queue_depth
+from tests.reliability.conftest import BOTH_WORKERS, FleetFactory, Scale, queue_depth
 from tests.reliability.ledger import sample
 
 pytestmark = [pytest.mark.reliability, pytest.mark.integration]
 
 
-def test_soak(fleet: FleetFactory, scale: Scale) -> None:
+@BOTH_WORKERS
+def test_soak(fleet: FleetFactory, scale: Scale, batching: bool) -> None:
     """Scenario 1: 2,000 (CI) / 10,000 (full) inferences over 2 workers."""
-    f = fleet(2)
+    f = fleet(2, batching=batching)
     for i in range(scale.soak):
         f.ledger.send("tasks.infer", ("mlp", sample(i)), queue=f.queue)
     report = f.ledger.report(timeout=60 + scale.soak * 0.02)
@@ -26,9 +27,10 @@ def test_soak(fleet: FleetFactory, scale: Scale) -> None:
     assert all(w.alive() for w in f.workers)
 
 
-def test_sigterm_under_load(fleet: FleetFactory, scale: Scale) -> None:
+@BOTH_WORKERS
+def test_sigterm_under_load(fleet: FleetFactory, scale: Scale, batching: bool) -> None:
     """Scenario 7: a warm shutdown finishes its task, returns its prefetch; 0 lost, 0 duplicates."""
-    f = fleet(2)
+    f = fleet(2, batching=batching)
     for _ in range(scale.tasks):
         f.ledger.send("tasks.diag.sleep", (0.005,), queue=f.queue)
     time.sleep(1.0)  # both workers busy
@@ -41,9 +43,10 @@ def test_sigterm_under_load(fleet: FleetFactory, scale: Scale) -> None:
     assert f.workers[1].alive()
 
 
-def test_forced_duplicate(fleet: FleetFactory) -> None:
+@BOTH_WORKERS
+def test_forced_duplicate(fleet: FleetFactory, batching: bool) -> None:
     """Scenario 11: the same message republished runs once: exactly one SUCCESS per id."""
-    f = fleet(2)
+    f = fleet(2, batching=batching)
     ids = [f.ledger.send("tasks.infer", ("mlp", sample(i)), queue=f.queue) for i in range(100)]
     first = f.ledger.wait(timeout=60)
     assert len(first) == 100

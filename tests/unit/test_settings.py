@@ -82,6 +82,9 @@ def test_reliability_settings_reach_celery() -> None:
         ({"INFER_DTYPES": "fp8"}, "INFER_DTYPES"),
         ({"INFER_QUEUE_TYPE": "stream"}, "use quorum"),
         ({"INFER_DELIVERY_LIMIT": "0"}, "at least 1"),
+        ({"INFER_CLAIM_CHECK_BYTES": "-1"}, "at least 0"),
+        ({"INFER_CLAIM_CHECK_TTL_S": "0"}, "at least 1"),
+        ({"INFER_BLOB_URL": "http://u:secret@blobs/"}, "not a Redis URL"),
     ],
 )
 def test_bad_settings_raise_configuration_error(env: dict[str, str], fragment: str) -> None:
@@ -233,6 +236,7 @@ def test_every_setting_is_read_from_its_variable(tmp_path: Path) -> None:
         "INFER_REGISTRY_NAMESPACE": "blue",
         "INFER_METRICS_ADDR": "0.0.0.0",
         "INFER_QUEUE_TYPE": "classic",
+        "INFER_BLOB_URL": "redis://blobs:6379/2",
         "INFER_BROKER_TLS_CA": str(tmp_path / "ca.pem"),
         "INFER_BROKER_TLS_CERT": str(tmp_path / "cert.pem"),
         "INFER_BROKER_TLS_KEY": str(tmp_path / "key.pem"),
@@ -249,6 +253,7 @@ def test_every_setting_is_read_from_its_variable(tmp_path: Path) -> None:
         "registry_namespace": "blue",
         "metrics_addr": "0.0.0.0",
         "queue_type": "classic",
+        "blob_url": "redis://blobs:6379/2",
         "broker_tls_ca": tmp_path / "ca.pem",
         "broker_tls_cert": tmp_path / "cert.pem",
         "broker_tls_key": tmp_path / "key.pem",

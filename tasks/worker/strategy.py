@@ -1,0 +1,314 @@
+"""The batching consumer strategy of ``tasks.infer``: requests become batches in the main process.
+
+Celery lets a task choose how the worker's consumer handles its messages
+(``Task.Strategy``; celery-batches uses the same hook).  With
+``INFER_BATCHING`` on a prefork worker, :func:`batching` runs Celery's own
+default strategy for each message (protocol conversion, ``revoke``/``expires``
+check, ``task_received`` signal, ``task-received`` event, ETA and rate
+limits, ``task_reserved``), except for its last step: instead of sending the
+request to the pool as one pool job, :class:`BatchingStrategy` collects it
+under its batch key (model, precision, sample shape, input dtype) in a
+:class:`~tasks.worker.assembly.BatchAssembler`, and sends each batch to the
+pool as **one** pool job (:func:`tasks.worker.batch_job.run_batch`).  The
+prefork child that owns the device stays the only process that touches it.
+
+Each request stays a Celery ``Request``: when the pool accepts the batch,
+each gets Celery's ``on_accepted`` (``task-started`` event, active requests);
+when the batch returns, each gets ``on_success`` with its own outcome, which
+acks its message (late ack, after the child stored its result) and sends
+``task-succeeded`` or ``task-failed``; a hard time limit gives each
+``on_timeout``; a lost child gives each ``on_failure`` (the message is
+requeued, ``task_reject_on_worker_lost``).
+
+What goes to Celery's usual one-request path instead (``on_task_request``):
+a request with an ETA, its own time limits, link callbacks, errbacks or a
+chain, a body that is not protocol 2, or arguments that cannot be read as an
+``infer`` call (the task body then raises the typed error).  Chord header
+parts and group members are batched.
+
+**Revoked and expired requests are never computed**: Celery's strategy drops
+them on arrival, and :meth:`BatchingStrategy.flush` checks each request
+again (``Request.revoked()``, which also stores REVOKED and acks) when its
+batch leaves for the pool.
+
+**A redelivered request runs alone** (``redelivered`` or an
+``x-delivery-count``): if it is the one that killed the child, it cannot take
+good batch-mates to the dead-letter queue with it.
+
+**When the connection drops**, the broker requeues every unacked message:
+the waiting requests are dropped here (:func:`discard_waiting`, from the
+consumer's ``on_close``), as Celery drops its reserved requests.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Hashable
+from typing import Any
+
+from celery.worker import state as worker_state
+from celery.worker.strategy import default
+
+from models.errors import RequestError
+from models.registry import get_spec
+from tasks.wire.request import infer_call
+from tasks.worker.assembly import BatchAssembler, BatchPolicy
+from tasks.worker.batch_job import run_batch
+from tasks.worker.poison import deliveries
+
+__all__ = ["BatchingStrategy", "batch_key", "batching", "discard_waiting"]
+
+log = logging.getLogger(__name__)
+
+ENVELOPE_KEYS = frozenset({"dtype", "shape", "data"})
+
+
+def batching(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Any:
+    """``Task.Strategy`` of ``tasks.infer``: batching on a prefork worker, else Celery's default."""
+    settings = getattr(app, "infer_settings", None)  # another app's worker: Celery's own
+    if settings is None or not settings.batching:
+        return default(task, app, consumer, **kwargs)
+    if "prefork" not in type(consumer.pool).__module__:
+        log.warning(
+            "INFER_BATCHING needs the prefork pool (-P prefork -c 1), not %s: not batching",
+            type(consumer.pool).__module__,
+        )
+        return default(task, app, consumer, **kwargs)
+    strategy = BatchingStrategy(task, app, consumer)
+    log.info(
+        "%s: batching requests per (model, precision, shape, dtype), %d pool process(es), "
+        "prefetch %s",
+        task.name,
+        consumer.pool.num_processes,
+        consumer.initial_prefetch_count,
+    )
+    registry = getattr(consumer, "batching_strategies", None)
+    if registry is not None:
+        registry[task.name] = strategy
+    return default(task, app, _Collecting(consumer, strategy.collect), **kwargs)
+
+
+def discard_waiting(consumer: Any) -> int:
+    """Drop every request waiting in a batch (the channel is gone); how many were dropped."""
+    registry = getattr(consumer, "batching_strategies", None) or {}
+    return sum(strategy.discard() for strategy in registry.values())
+
+
+def _limits(reqs: list[Any]) -> tuple[float | None, float | None]:
+    """The batch's (hard, soft) time limits: the strictest its requests ask for (None: the pool's)."""
+
+    def strictest(values: list[Any]) -> float | None:
+        given = [float(v) for v in values if isinstance(v, int | float) and v > 0]
+        return min(given) if given else None
+
+    limits = [(*(req.time_limits or ()), None, None) for req in reqs]
+    return strictest([lim[0] for lim in limits]), strictest([lim[1] for lim in limits])
+
+
+class _Collecting:
+    """The consumer as Celery's strategy sees it, whose ``on_task_request`` collects."""
+
+    def __init__(self, consumer: Any, collect: Any) -> None:
+        self._consumer = consumer
+        self.on_task_request = collect
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._consumer, name)
+
+
+def batch_key(model: Any, inputs: Any, dtype: Any) -> tuple[Hashable, int] | None:
+    """(batch key, samples) of an ``infer`` call, read without decoding any tensor; None: unknown model.
+
+    The key is a hint for grouping: the child regroups by the decoded shape,
+    so a list input (its shape unknown here) is still served right.
+    """
+    spec = get_spec(model)  # UnknownModel for a name no source knows
+    if isinstance(inputs, dict) and set(inputs) >= ENVELOPE_KEYS:
+        shape = inputs.get("shape")
+        if isinstance(shape, list | tuple) and all(isinstance(d, int) for d in shape):
+            if len(shape) == len(spec.sample_shape) + 1:
+                return (spec.name, dtype, tuple(shape[1:]), str(inputs.get("dtype"))), max(
+                    1, shape[0]
+                )
+            return (spec.name, dtype, tuple(shape), str(inputs.get("dtype"))), 1
+    return (spec.name, dtype, type(inputs).__name__, None), 1
+
+
+class BatchingStrategy:
+    """Collects ``infer`` requests into batches and runs each batch as one pool job."""
+
+    def __init__(
+        self, task: Any, app: Any, consumer: Any, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.task = task
+        self.clock = clock
+        self.settings = app.infer_settings
+        self.consumer = consumer
+        self.pool = consumer.pool
+        self.assembler: BatchAssembler[tuple[Any, float]] = BatchAssembler(self.policy)
+        self.in_flight = 0  # batch jobs sent to the pool and not finished
+        self.in_flight_requests = 0  # the requests in them
+        # Reserved requests of this worker (Celery's worker state): ours and everyone else's.
+        self.reserved: Any = worker_state.reserved_requests
+        self._timer: Any = None
+
+    def policy(self, key: Hashable) -> BatchPolicy:
+        spec = get_spec(key[0])  # type: ignore[index]
+        return BatchPolicy(
+            max_batch_size=spec.max_batch_size or self.settings.max_batch_size,
+            max_wait_ms=self.settings.max_wait_ms if spec.max_wait_ms is None else spec.max_wait_ms,
+        )
+
+    # -- arrival ---------------------------------------------------------------------------------
+    def collect(self, req: Any) -> None:
+        """Celery's strategy hands over a reserved request: batch it, or run it the usual way."""
+        plan = self.plan(req)
+        if plan is None:
+            self.consumer.on_task_request(req)
+            return
+        key, samples, alone = plan
+        self.assembler.add(key, (req, time.time()), self.clock(), samples, alone)
+        self.flush()
+
+    def plan(self, req: Any) -> tuple[Hashable, int, bool] | None:
+        """(key, samples, alone) for a batchable request; None for Celery's one-request path."""
+        if req.eta:
+            return None
+        payload = req.message.payload  # decoded once by kombu, cached on the message
+        if not (isinstance(payload, list | tuple) and len(payload) == 3):
+            return None
+        embed = payload[2] or {}
+        if not isinstance(embed, dict) or any(
+            embed.get(k) for k in ("callbacks", "errbacks", "chain")
+        ):
+            return None
+        try:
+            model, inputs, dtype = infer_call(req.args, req.kwargs)
+            if not isinstance(dtype, str | None):
+                return None  # the task body refuses it with its typed error
+            found = batch_key(model, inputs, dtype)
+        except RequestError:
+            return None
+        if found is None:
+            return None
+        key, samples = found
+        alone = bool(req.delivery_info.get("redelivered")) or deliveries(req.request_dict) > 0
+        return key, samples, alone
+
+    # -- dispatch --------------------------------------------------------------------------------
+    def flush(self) -> None:
+        """Send every due batch the pool has room for; arm a timer for the next one."""
+        now = self.clock()
+        while len(self.assembler):
+            busy = self.busy()
+            free = self.pool.num_processes - busy
+            if free <= 0:
+                break
+            batches = self.assembler.take(now, free, busy)
+            if not batches:
+                break
+            for _, items in batches:
+                live = [(req, arrived) for req, arrived in items if not req.revoked()]
+                if live:
+                    self.dispatch(live)
+        self._arm_timer(now)
+
+    def dispatch(self, items: list[tuple[Any, float]]) -> None:
+        """One pool job for ``items``; Celery's request handlers for each when it is done."""
+        reqs = [req for req, _ in items]
+        payload = [(req.request_dict, req.message.payload[2] or {}, at) for req, at in items]
+        finished = False
+
+        def release() -> bool:
+            nonlocal finished
+            if finished:
+                return False
+            finished = True
+            self.in_flight -= 1
+            self.in_flight_requests -= len(reqs)
+            return True
+
+        def on_accepted(pid: int, time_accepted: float) -> None:
+            for req in reqs:
+                req.on_accepted(pid, time_accepted)
+
+        def on_timeout(soft: bool, timeout: float) -> None:
+            for req in reqs:
+                req.on_timeout(soft, timeout)
+
+        def on_result(outcomes: list[Any]) -> None:
+            if not release():
+                return
+            for req, outcome in zip(reqs, outcomes, strict=True):
+                self._safely(req.on_success, req, outcome)
+            self.flush()
+
+        def on_error(einfo: Any) -> None:
+            if not release():
+                return
+            for req in reqs:
+                self._safely(req.on_failure, req, einfo)
+            self.flush()
+
+        hard, soft = _limits(reqs)
+        self.in_flight += 1
+        self.in_flight_requests += len(reqs)
+        self.pool.apply_async(
+            run_batch,
+            args=(self.task.name, payload),
+            accept_callback=on_accepted,
+            timeout_callback=on_timeout,
+            callback=on_result,
+            error_callback=on_error,
+            timeout=hard,
+            soft_timeout=soft,
+            correlation_id=reqs[0].id,
+        )
+
+    def busy(self) -> int:
+        """Pool processes taken: our batch jobs, and any other task's request sent to the pool.
+
+        Another task's request (a chord body, a diagnostic task) is in Celery's
+        reserved requests from arrival until it finishes; ours are there too,
+        waiting here or in flight, and are not counted twice.
+        """
+        ours = len(self.assembler) + self.in_flight_requests
+        others = max(0, len(self.reserved) - ours)
+        return self.in_flight + others
+
+    @staticmethod
+    def _safely(handler: Any, req: Any, arg: Any) -> None:
+        try:
+            handler(arg)
+        except Exception as e:  # one request's trouble must not strand its batch-mates
+            log.error("finishing %s failed: %s", req.id, e, exc_info=True)
+
+    def _arm_timer(self, now: float) -> None:
+        """Wake up when the oldest waiting batch is due, or poll while another task holds the pool.
+
+        The end of one of our batch jobs calls :meth:`flush` itself; the end of
+        another task's request (a chord body, a diagnostic task) tells us
+        nothing, so while one holds a pool process we look again every
+        ``max_wait_ms`` (at least 1 ms).
+        """
+        if self._timer is not None or not len(self.assembler):
+            return
+        busy = self.busy()
+        if busy < self.pool.num_processes:
+            due = self.assembler.next_due(now)
+        elif busy > self.in_flight:
+            due = max(0.001, self.settings.max_wait_ms / 1000.0)
+        else:
+            return
+        if due is not None:
+            self._timer = self.consumer.timer.call_after(due, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self.flush()
+
+    def discard(self) -> int:
+        """Forget the waiting requests (their messages go back to the queue with the channel)."""
+        self._timer = None  # the consumer clears its timer on close
+        return len(self.assembler.drain())

@@ -1,0 +1,254 @@
+"""The batching strategy's dispatch: batches as pool jobs, revoked dropped, redelivered alone.
+
+Fakes implement the few attributes of Celery's consumer, pool and Request the
+strategy uses; time is a fake clock.  The real worker is in
+tests/integration/test_batching.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pytest
+
+from tasks.settings import Settings
+from tasks.wire.codec import encode
+from tasks.worker.strategy import BatchingStrategy, batch_key
+
+
+@dataclass
+class Job:
+    args: tuple[Any, ...]
+    options: dict[str, Any]
+
+    @property
+    def ids(self) -> list[str]:
+        return [request["id"] for request, _, _ in self.args[1]]
+
+    def finish(self, outcomes: list[Any] | None = None) -> None:
+        self.options["callback"](outcomes or [(0, "ok", 0.001)] * len(self.ids))
+
+
+@dataclass
+class FakePool:
+    num_processes: int = 1
+    jobs: list[Job] = field(default_factory=list)
+
+    def apply_async(self, target: Any, args: tuple[Any, ...], **options: Any) -> None:
+        self.jobs.append(Job(args, options))
+
+
+@dataclass
+class FakeTimer:
+    calls: list[tuple[float, Any]] = field(default_factory=list)
+
+    def call_after(self, secs: float, fun: Any) -> object:
+        self.calls.append((secs, fun))
+        return object()
+
+
+@dataclass
+class FakeConsumer:
+    pool: FakePool = field(default_factory=FakePool)
+    timer: FakeTimer = field(default_factory=FakeTimer)
+    unbatched: list[Any] = field(default_factory=list)
+
+    def on_task_request(self, req: Any) -> None:
+        self.unbatched.append(req)
+
+
+class FakeMessage:
+    def __init__(self, payload: Any) -> None:
+        self.payload = payload
+
+
+class FakeRequest:
+    """The Celery Request surface the strategy uses, recording what it is told."""
+
+    def __init__(
+        self,
+        task_id: str,
+        inputs: Any,
+        *,
+        model: str = "mlp",
+        embed: dict[str, Any] | None = None,
+        redelivered: bool = False,
+        time_limits: Any = (300, 280),
+    ) -> None:
+        self.id = task_id
+        self.args = [model, inputs]
+        self.kwargs: dict[str, Any] = {}
+        self.eta = None
+        self.time_limits = time_limits
+        self.message = FakeMessage([self.args, self.kwargs, embed or {"chord": None}])
+        self.delivery_info = {"redelivered": redelivered}
+        self.request_dict = {"id": task_id, "args": self.args, "kwargs": self.kwargs}
+        self.is_revoked = False
+        self.events: list[tuple[str, Any]] = []
+
+    def revoked(self) -> bool:
+        if self.is_revoked:
+            self.events.append(("revoked", None))
+        return self.is_revoked
+
+    def on_accepted(self, pid: int, time_accepted: float) -> None:
+        self.events.append(("accepted", pid))
+
+    def on_success(self, outcome: Any) -> None:
+        self.events.append(("success", outcome))
+
+    def on_failure(self, einfo: Any) -> None:
+        self.events.append(("failure", einfo))
+
+    def on_timeout(self, soft: bool, timeout: float) -> None:
+        self.events.append(("timeout", (soft, timeout)))
+
+
+class FakeTask:
+    name = "tasks.infer"
+
+
+class FakeApp:
+    def __init__(self, **env: str) -> None:
+        self.infer_settings = Settings.from_env({"INFER_BATCHING": "true", **env})
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+SAMPLE = encode(np.zeros(64, np.float32), binary=True)
+
+
+def make(processes: int = 1, **env: str) -> tuple[BatchingStrategy, FakeConsumer, Clock]:
+    consumer = FakeConsumer(pool=FakePool(num_processes=processes))
+    clock = Clock()
+    return BatchingStrategy(FakeTask(), FakeApp(**env), consumer, clock=clock), consumer, clock
+
+
+def test_an_idle_worker_sends_a_request_at_once_and_busy_ones_fill_a_batch() -> None:
+    strategy, consumer, _ = make()
+    reqs = [FakeRequest(f"t{i}", SAMPLE) for i in range(5)]
+    strategy.collect(reqs[0])
+    assert [j.ids for j in consumer.pool.jobs] == [["t0"]]  # nothing in flight: no wait
+    for r in reqs[1:]:
+        strategy.collect(r)
+    assert len(consumer.pool.jobs) == 1  # the child is busy: they wait together
+    consumer.pool.jobs[0].finish()
+    assert reqs[0].events == [("success", (0, "ok", 0.001))]
+    assert [j.ids for j in consumer.pool.jobs] == [["t0"], ["t1", "t2", "t3", "t4"]]
+    consumer.pool.jobs[1].options["accept_callback"](4242, 1.0)
+    consumer.pool.jobs[1].finish([(0, f"r{i}", 0.01) for i in range(4)])
+    assert [r.events for r in reqs[1:]] == [
+        [("accepted", 4242), ("success", (0, f"r{i}", 0.01))] for i in range(4)
+    ]
+    assert strategy.in_flight == 0 and len(strategy.assembler) == 0
+
+
+def test_a_revoked_request_is_dropped_when_its_batch_leaves() -> None:
+    strategy, consumer, _ = make()
+    strategy.collect(FakeRequest("busy", SAMPLE))
+    waiting = [FakeRequest(f"t{i}", SAMPLE) for i in range(3)]
+    for r in waiting:
+        strategy.collect(r)
+    waiting[1].is_revoked = True  # revoke() arrives while it waits in the batch
+    consumer.pool.jobs[0].finish()
+    assert consumer.pool.jobs[1].ids == ["t0", "t2"]  # never computed
+    assert waiting[1].events == [("revoked", None)]
+
+
+def test_a_redelivered_request_runs_in_a_batch_of_one() -> None:
+    strategy, consumer, _ = make()
+    strategy.collect(FakeRequest("busy", SAMPLE))
+    for r in [
+        FakeRequest("a", SAMPLE),
+        FakeRequest("again", SAMPLE, redelivered=True),
+        FakeRequest("b", SAMPLE),
+    ]:
+        strategy.collect(r)
+    for i in range(3):
+        consumer.pool.jobs[i].finish()
+    assert sorted(j.ids for j in consumer.pool.jobs[1:]) == [["a", "b"], ["again"]]
+
+
+def test_requests_with_links_or_an_eta_go_celery_s_usual_way() -> None:
+    strategy, consumer, _ = make()
+    linked = FakeRequest("linked", SAMPLE, embed={"callbacks": [{"task": "x"}]})
+    chained = FakeRequest("chained", SAMPLE, embed={"chain": [{"task": "x"}]})
+    later = FakeRequest("later", SAMPLE)
+    later.eta = "2026-12-06T12:00:00"
+    unknown = FakeRequest("unknown", SAMPLE, model="no-such-model")
+    for r in (linked, chained, later, unknown):
+        strategy.collect(r)
+    assert [r.id for r in consumer.unbatched] == ["linked", "chained", "later", "unknown"]
+    assert consumer.pool.jobs == []
+
+
+def test_a_chord_part_is_batched() -> None:
+    strategy, consumer, _ = make()
+    strategy.collect(FakeRequest("part", SAMPLE, embed={"chord": {"task": "tasks.gather"}}))
+    assert consumer.pool.jobs[0].ids == ["part"]
+
+
+def test_a_lost_child_fails_each_request_of_its_batch_and_frees_the_slot() -> None:
+    strategy, consumer, _ = make()
+    reqs = [FakeRequest(f"t{i}", SAMPLE) for i in range(3)]
+    strategy.collect(reqs[0])
+    strategy.collect(reqs[1])
+    strategy.collect(reqs[2])
+    consumer.pool.jobs[0].finish()
+    lost = object()
+    consumer.pool.jobs[1].options["error_callback"](lost)
+    assert reqs[1].events == [("failure", lost)] and reqs[2].events == [("failure", lost)]
+    assert strategy.in_flight == 0
+    consumer.pool.jobs[1].finish()  # a late second answer for the same job changes nothing
+    assert strategy.in_flight == 0 and reqs[1].events == [("failure", lost)]
+
+
+def test_the_hard_time_limit_applies_per_batch_job() -> None:
+    strategy, consumer, _ = make()
+    strategy.collect(FakeRequest("busy", SAMPLE))
+    a = FakeRequest("a", SAMPLE, time_limits=(300, 280))
+    b = FakeRequest("b", SAMPLE, time_limits=(60, None))
+    strategy.collect(a)
+    strategy.collect(b)
+    consumer.pool.jobs[0].finish()
+    job = consumer.pool.jobs[1]
+    assert job.ids == ["a", "b"]
+    assert (job.options["timeout"], job.options["soft_timeout"]) == (60.0, 280.0)  # strictest
+    job.options["timeout_callback"](False, 60.0)  # billiard kills the child: each is told
+    assert a.events == b.events == [("timeout", (False, 60.0))]
+
+
+def test_with_a_free_process_a_partial_batch_waits_for_its_max_wait() -> None:
+    strategy, consumer, clock = make(processes=2, INFER_MAX_WAIT_MS="5")
+    strategy.collect(FakeRequest("first", SAMPLE))  # nothing in flight: goes
+    strategy.collect(FakeRequest("second", SAMPLE))  # one in flight, one free: waits 5 ms
+    assert len(consumer.pool.jobs) == 1
+    (secs, fire), *_ = consumer.timer.calls
+    assert secs == pytest.approx(0.005)
+    clock.now += 0.005
+    fire()
+    assert [j.ids for j in consumer.pool.jobs] == [["first"], ["second"]]
+
+
+def test_discard_forgets_the_waiting_requests() -> None:
+    strategy, _, _ = make()
+    for i in range(4):
+        strategy.collect(FakeRequest(f"t{i}", SAMPLE))
+    assert strategy.discard() == 3 and len(strategy.assembler) == 0
+
+
+def test_batch_key_reads_the_envelope_without_decoding() -> None:
+    one = encode(np.zeros((3, 32, 32), np.float32), binary=True)
+    four = encode(np.zeros((4, 3, 32, 32), np.float32), binary=True)
+    assert batch_key("cnn", one, None) == (("cnn", None, (3, 32, 32), "float32"), 1)
+    assert batch_key("cnn", four, "fp32") == (("cnn", "fp32", (3, 32, 32), "float32"), 4)
+    key, samples = batch_key("mlp", [[0.0] * 64], None)  # type: ignore[misc]
+    assert key == ("mlp", None, "list", None) and samples == 1  # the child regroups by shape
