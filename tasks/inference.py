@@ -35,7 +35,7 @@ from celery.utils import uuid
 from models.errors import BadArguments, RequestError
 from models.registry import get_spec
 from models.validation import check_input
-from tasks.app import SENT_AT_HEADER, app
+from tasks.app import SENT_AT_HEADER, app, display_call
 from tasks.client.publish import DEFAULT_WINDOW, MapResult, publish_many
 from tasks.wire import blobs
 from tasks.wire.codec import encode, to_array
@@ -75,7 +75,7 @@ class InferenceTask(IdempotentTask):
         args, kwargs = prepare_request(args, kwargs, serializer, writer)
         if writer is not None:
             writer.write()  # the blob is in Redis before its reference is published
-        return super().apply_async(args, kwargs, **options)
+        return super().apply_async(args, kwargs, **_shown(args, kwargs, options))
 
     def map(  # replaces Celery's Task.map (an xmap signature of celery.map)
         self,
@@ -123,7 +123,14 @@ class InferenceTask(IdempotentTask):
 
         def send_all(producer: Any) -> list[Any]:
             return [
-                apply_async(args, kwargs, task_id=i, producer=producer, retry=False, **options)
+                apply_async(
+                    args,
+                    kwargs,
+                    task_id=i,
+                    producer=producer,
+                    retry=False,
+                    **_shown(args, kwargs, options),
+                )
                 for i, (args, kwargs) in zip(ids, calls, strict=True)
             ]
 
@@ -150,6 +157,14 @@ class InferenceTask(IdempotentTask):
         # (then the redelivery still needs the blob).
         blobs.release(self.app, infer_call(args, kwargs, strict=False).inputs)
         super().after_return(status, retval, task_id, args, kwargs, einfo)
+
+
+def _shown(args: Any, kwargs: Any, options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` with the call's display (Celery then skips its ``saferepr`` of the tensors)."""
+    if "argsrepr" in options and "kwargsrepr" in options:
+        return options
+    argsrepr, kwargsrepr = display_call(args, kwargs)
+    return {"argsrepr": argsrepr, "kwargsrepr": kwargsrepr, **options}
 
 
 def prepare_request(
