@@ -72,14 +72,14 @@ celery-batches-venv: $(CB_VENV)/.installed
 
 bench: $(WEIGHTS)
 	$(BENCH_ENV) BENCH_CELERY_BATCHES_PYTHON=$$(test -x $(CB_VENV)/bin/python && echo $(CB_VENV)/bin/python) \
-		$(PY) -m benchmarks --json var/bench/latest.json
+		$(PY) -m benchmarks --producers 1 --json var/bench/latest.json
 
 # 10,000 tasks at once: drain time, p99 and 0 lost, as lane "burst" in the benchmark JSON.
 chaos: $(WEIGHTS)
 	$(BENCH_ENV) $(PY) -m benchmarks burst --json var/bench/latest.json
 
 bench-quick: $(WEIGHTS)
-	$(BENCH_ENV) $(PY) -m benchmarks --quick --json var/bench/quick.json
+	$(BENCH_ENV) $(PY) -m benchmarks --quick --producers 1 --json var/bench/quick.json
 
 clean:
 	rm -rf $(VENV) $(CB_VENV) var .pytest_cache .mypy_cache .ruff_cache

@@ -182,20 +182,34 @@ def _send_mapped(model: str, queue: str, requests: int, window: int) -> int:
     x = request_input(model)
     chunk = max(1, window // 2)
     errors = 0
-    in_flight: deque[list[Any]] = deque()  # chunks, oldest first
+    in_flight: deque[Any] = deque()  # MapResults, oldest first
     left = requests
     while left:
         n = min(chunk, left)
-        if sum(map(len, in_flight)) + n > window:
-            errors += _settle(in_flight.popleft())
+        if sum(len(m.results) for m in in_flight) + n > window:
+            errors += _settle_map(in_flight.popleft())
         try:
-            in_flight.append(list(infer.map(model, [x] * n, queue=queue).results))
+            in_flight.append(infer.map(model, [x] * n, queue=queue))
         except Exception:  # PublishFailed or a connection error: the whole chunk fails
             errors += n
         left -= n
     while in_flight:
-        errors += _settle(in_flight.popleft())
+        errors += _settle_map(in_flight.popleft())
     return errors
+
+
+def _settle_map(mapped: Any) -> int:
+    """Wait for a whole ``infer.map`` chunk (one MGET, then its results as they come); the errors.
+
+    ``MapResult.get`` is Celery's ``GroupResult`` native join: one read of
+    every result at the start, not one GET per request as ``AsyncResult.get``
+    does (measured: 13% of a producer's CPU).
+    """
+    try:
+        replies = mapped.get(timeout=60, propagate=False)
+    except Exception:  # a timeout: none of the chunk counts as served
+        return len(mapped.results)
+    return sum(1 for r in replies if isinstance(r, BaseException))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,25 +1,25 @@
 """Lane ``deployment_infer_batched``: dynamic batching, many single-sample requests in flight.
 
-A worker of its own with the batching consumer (threads pool, ``batching=True``),
-out of the router's sight (its own registry namespace), so the routed lanes
-keep measuring the batch-1 worker; requests go to its own queue, ``window``
+The run's batching worker (:func:`benchmarks.lanes.deployment_worker.batching_worker`,
+out of the router's sight); requests go to its own queue, ``window``
 (64, one full batch) in flight.  With ``--producers N`` it adds a saturation
-phase on that queue.  Summary: the round-trip figures of
+phase on that queue, with as many requests in flight as the worker reserves
+(its prefetch: ``INFER_BATCH_RESERVE`` x the largest batch, 128).  Summary: the round-trip figures of
 :mod:`benchmarks.lanes.roundtrip`, ``model``, ``samples_per_s`` (one sample per
 request), ``window``, and ``breakdown_ms``.
 """
 
 from __future__ import annotations
 
-import os
+from dataclasses import replace
 from typing import Any
 
-from benchmarks.lanes.base import LaneContext, LaneWorker
+from benchmarks.lanes.base import LaneContext
+from benchmarks.lanes.deployment_worker import batching_worker
 from benchmarks.lanes.roundtrip import CeleryTaskLane
-from benchmarks.producers import Saturation, request_input
-from routing.queues import direct_queue
+from benchmarks.producers import SATURATION_IN_FLIGHT, Saturation, request_input
 from tasks import infer
-from tasks.ops.launcher import WorkerProcess
+from tasks.app import prefetch_multiplier
 
 __all__ = ["BatchedInferLane"]
 
@@ -29,23 +29,17 @@ class BatchedInferLane(CeleryTaskLane):
     window = 64  # single-sample requests in flight: one full batch
 
     def __init__(self, ctx: LaneContext) -> None:
-        name = f"bench-b-{ctx.run}"
-        process = WorkerProcess(
-            name,
-            ctx.device,
-            logdir=ctx.logdir,
-            batching=True,
-            preload=(ctx.model,),
-            queues=[direct_queue(name, name), name],
-            # Out of the router's sight, so the routed lanes keep measuring the batch-1 worker.
-            env=dict(os.environ, INFER_REGISTRY_NAMESPACE=f"bench-batched-{ctx.run}"),
-        )
+        worker = batching_worker(ctx)
+        process = worker.process
         model, x, queue = ctx.model, request_input(ctx.model), process.own_queue
+        # Saturated with as many in flight as the worker reserves (2 x the largest batch):
+        # fewer, and its batches could not fill, so the load would limit the lane.
+        reserve = prefetch_multiplier(replace(ctx.settings, batching=True))
         super().__init__(
             ctx,
             lambda: infer.apply_async((model, x), queue=queue),
-            LaneWorker(process),
-            Saturation("infer", model, queue),
+            worker,
+            Saturation("infer", model, queue, window=max(SATURATION_IN_FLIGHT, reserve)),
         )
 
     def served(self, figures: dict[str, Any]) -> dict[str, Any]:

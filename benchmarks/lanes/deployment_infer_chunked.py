@@ -1,8 +1,10 @@
 """Lane ``deployment_infer_chunked``: served samples/s of ``infer_many`` at batch 64.
 
 Client-side batching with Celery's canvas: ``infer_many`` splits many seeded
-inputs into batches of 64 and sends them to the deployment worker's own queue
-(:mod:`benchmarks.lanes.deployment_worker`).  Compare with ``in_process`` at
+inputs into batches of 64 and sends them to the batching worker's own queue
+(:mod:`benchmarks.lanes.deployment_worker`; each chunk is a full batch of its
+own, and the worker holds the chunks behind it, so its pool child goes from one
+to the next without a broker round trip).  Compare with ``in_process`` at
 the same batch size (``chunked_vs_in_process_batch64_samples``).  Summary:
 ``model``, ``batch``, ``samples_per_s`` (median of rounds), ``rounds``,
 ``per_round`` (``{"samples_per_s": [one per round]}``).
@@ -15,7 +17,7 @@ import time
 from typing import Any
 
 from benchmarks.lanes.base import Lane, LaneContext, RoundConfig
-from benchmarks.lanes.deployment_worker import deployment_worker
+from benchmarks.lanes.deployment_worker import batching_worker
 from tasks import infer_many
 
 __all__ = ["ChunkedInferLane"]
@@ -29,7 +31,7 @@ class ChunkedInferLane(Lane):
 
     def __init__(self, ctx: LaneContext) -> None:
         super().__init__(ctx)
-        self.worker = deployment_worker(ctx)
+        self.worker = batching_worker(ctx)
         self.rates: list[float] = []
 
     def start(self) -> None:

@@ -1,11 +1,17 @@
-"""The deployment's batch-1 worker, one per run, shared by the lanes that measure it.
+"""The deployment's workers, one of each per run, shared by the lanes that measure them.
 
-``deployment_noop``, ``deployment_infer`` and ``deployment_infer_chunked`` all
-use this one ``celery -A tasks worker`` (the run's device, the model
-preloaded): the first of them to start starts it, the last to close stops it.
-It consumes its own direct queue and a class queue, and counts as ready once
-the capability router's registry has its heartbeat, since the routed lanes
-publish without ``queue=``.
+``deployment_noop`` and ``deployment_infer`` use the batch-1 worker
+(:func:`deployment_worker`); ``deployment_infer_batched`` and
+``deployment_infer_chunked`` use the batching worker (:func:`batching_worker`,
+``INFER_BATCHING``: the consumer strategy that sends each batch to the pool as
+one job; a 64-sample chunk is a full batch of its own, and the chunks behind
+it wait in the worker instead of a round trip away).  Each is one ``celery -A
+tasks worker`` (the run's device, the model preloaded): the first lane to start
+it starts it, the last to close stops it.  The batch-1 worker consumes its own
+direct queue and a class queue, and counts as ready once the capability
+router's registry has its heartbeat, since the routed lanes publish without
+``queue=``; the batching worker is out of the router's sight (its own
+registry namespace), so the routed lanes keep measuring the batch-1 worker.
 
 :func:`batch1_capacity` is where ``deployment_infer`` leaves that worker's
 saturated req/s of each round it runs, for lanes that scale their load to it
@@ -14,13 +20,15 @@ saturated req/s of each round it runs, for lanes that scale their load to it
 
 from __future__ import annotations
 
+import os
+
 from benchmarks.lanes.base import LaneContext, LaneWorker
 from routing.queues import direct_queue
 from tasks import app
 from tasks.client.routes import wait_for_workers
 from tasks.ops.launcher import WorkerProcess
 
-__all__ = ["batch1_capacity", "deployment_worker"]
+__all__ = ["batch1_capacity", "batching_worker", "deployment_worker"]
 
 
 def deployment_worker(ctx: LaneContext) -> LaneWorker:
@@ -38,6 +46,25 @@ def deployment_worker(ctx: LaneContext) -> LaneWorker:
         return LaneWorker(process, ready=_routable)
 
     return ctx.shared("deployment_worker", make)
+
+
+def batching_worker(ctx: LaneContext) -> LaneWorker:
+    """This run's batching worker (made on first ask); requests go to its own queue."""
+
+    def make() -> LaneWorker:
+        name = f"bench-b-{ctx.run}"
+        process = WorkerProcess(
+            name,
+            ctx.device,
+            logdir=ctx.logdir,
+            batching=True,
+            preload=(ctx.model,),
+            queues=[direct_queue(name, name), name],
+            env=dict(os.environ, INFER_REGISTRY_NAMESPACE=f"bench-batched-{ctx.run}"),
+        )
+        return LaneWorker(process)
+
+    return ctx.shared("batching_worker", make)
 
 
 def batch1_capacity(ctx: LaneContext) -> list[tuple[float, str]]:

@@ -26,9 +26,9 @@ the plan's ``window_requests``: 7 points x 3 s (full), 5 x 0.5 s (``--quick``),
 3 x 0.25 s (tinier plans).
 
 Workers: ``infer``, the run's batch-1 deployment worker
-(:mod:`benchmarks.lanes.deployment_worker`), and ``batched``, a worker of this
-lane's own started with ``batching=True`` (as ``deployment_infer_batched``
-does, out of the router's sight); requests go to each worker's own queue.  In
+(:mod:`benchmarks.lanes.deployment_worker`), and ``batched``, the run's
+batching worker (the one ``deployment_infer_batched`` measures, out of the
+router's sight); requests go to each worker's own queue.  In
 each round the points run in ascending rate, both workers at each rate (which
 goes first alternates by round), one after the other, each once the previous
 one is drained; a few untimed requests to each worker open the round.
@@ -64,7 +64,6 @@ each round's own requests.  Ratio ``open_loop_batched_vs_infer_max_rate_p99``.
 from __future__ import annotations
 
 import contextlib
-import os
 import queue
 import statistics
 import threading
@@ -74,13 +73,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from benchmarks.lanes.base import Lane, LaneContext, LaneWorker, RoundConfig
-from benchmarks.lanes.deployment_worker import batch1_capacity, deployment_worker
+from benchmarks.lanes.base import Lane, LaneContext, RoundConfig
+from benchmarks.lanes.deployment_worker import batch1_capacity, batching_worker, deployment_worker
 from benchmarks.producers import request_input
 from benchmarks.stats import percentiles
-from routing.queues import direct_queue
 from tasks import infer
-from tasks.ops.launcher import WorkerProcess
 
 __all__ = [
     "FACTORS",
@@ -243,18 +240,7 @@ class OpenLoopLane(Lane):
     def __init__(self, ctx: LaneContext) -> None:
         super().__init__(ctx)
         self.infer_worker = deployment_worker(ctx)
-        name = f"bench-ol-{ctx.run}"
-        process = WorkerProcess(
-            name,
-            ctx.device,
-            logdir=ctx.logdir,
-            batching=True,
-            preload=(ctx.model,),
-            queues=[direct_queue(name, name), name],
-            # Out of the router's sight, so the routed lanes keep measuring the batch-1 worker.
-            env=dict(os.environ, INFER_REGISTRY_NAMESPACE=f"bench-open-loop-{ctx.run}"),
-        )
-        self.batched_worker = LaneWorker(process)
+        self.batched_worker = batching_worker(ctx)  # the one deployment_infer_batched measures
         self.sample: Any = None
         self.capacity: tuple[float, str] | None = None  # (req/s, the figure it came from)
         self.capacity_figures: dict[str, float] = {}

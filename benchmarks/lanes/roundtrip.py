@@ -47,6 +47,9 @@ class RoundTrips:
     served: int = 0  # requests served in the round, every phase
     client_cpu_s: float = 0.0  # CPU of client processes other than this one (producers)
     cpu_s: dict[str, float] = field(default_factory=dict)  # per process group, over the round
+    # The saturation phase alone (infer.map producers): per process group, and requests served.
+    saturated_cpu_s: dict[str, float] = field(default_factory=dict)
+    saturated_served: int = 0
 
 
 class RoundTripLane(Lane):
@@ -76,15 +79,19 @@ class RoundTripLane(Lane):
     def cpu_meter(self) -> CpuMeter:
         """The processes this lane involves, by role (made on the first round)."""
         if self._meter is None:
-            peer = self.peer_process()
-            shared = services(self.ctx)
-            groups = {"client": own(psutil.Process())}
-            if peer is not None:
-                groups |= {"worker_main": own(peer), "worker_child": descendants(peer)}
-            self._meter = CpuMeter(
-                groups | {"rabbitmq": own(shared["rabbitmq"]), "redis": own(shared["redis"])}
-            )
+            self._meter = self.new_cpu_meter()
         return self._meter
+
+    def new_cpu_meter(self) -> CpuMeter:
+        """A meter over this lane's processes: this client, its peer's main and child, the servers."""
+        peer = self.peer_process()
+        shared = services(self.ctx)
+        groups = {"client": own(psutil.Process())}
+        if peer is not None:
+            groups |= {"worker_main": own(peer), "worker_child": descendants(peer)}
+        return CpuMeter(
+            groups | {"rabbitmq": own(shared["rabbitmq"]), "redis": own(shared["redis"])}
+        )
 
     def run_round(self, cfg: RoundConfig) -> None:
         meter = self.cpu_meter()
@@ -148,6 +155,13 @@ class RoundTripLane(Lane):
         cpu = [(r.cpu_s, r.served) for r in rounds if r.cpu_s and r.served]
         if cpu:
             lane["cpu_ms_per_request"] = per_request_ms(cpu)
+        saturated_cpu = [
+            (r.saturated_cpu_s, r.saturated_served)
+            for r in rounds
+            if r.saturated_cpu_s and r.saturated_served
+        ]
+        if saturated_cpu:  # the saturation phase alone: the producers' CPU as the client's
+            lane["saturated_cpu_ms_per_request"] = per_request_ms(saturated_cpu)
         per_round: dict[str, list[float]] = {
             "rtt_ms.p50": [p["p50"] for p in rtt],
             "rtt_ms.p95": [p["p95"] for p in rtt],
@@ -161,6 +175,10 @@ class RoundTripLane(Lane):
         if cpu:
             per_round["cpu_ms_per_request.total"] = [
                 round(round_ms(c, n)["total"], 3) for c, n in cpu
+            ]
+        if saturated_cpu:
+            per_round["saturated_cpu_ms_per_request.total"] = [
+                round(round_ms(c, n)["total"], 3) for c, n in saturated_cpu
             ]
         lane["per_round"] = per_round
         return lane
@@ -204,9 +222,14 @@ class CeleryTaskLane(RoundTripLane):
     def round_trips(self, cfg: RoundConfig) -> RoundTrips:
         out = super().round_trips(cfg)
         if cfg.producers > 0 and self.saturation is not None:
+            meter = self.new_cpu_meter()
+            meter.start()
             phase = self.saturation.run(
                 producers=cfg.producers, requests=max(cfg.window_requests, 2 * cfg.window)
             )
+            # This process only waits during the phase: the producers are the client.
+            out.saturated_cpu_s = meter.stop({"client": phase.client_cpu_s})
+            out.saturated_served = phase.served
             out.saturated_per_s = phase.req_s
             out.served += phase.served
             out.client_cpu_s += phase.client_cpu_s

@@ -88,8 +88,16 @@ class BatchAssembler(Generic[T]):
             or (now - oldest) * 1000.0 >= queue.policy.max_wait_ms - _EPSILON_MS
         )
 
-    def take(self, now: float, free_slots: int, in_flight: int) -> list[tuple[Hashable, list[T]]]:
-        """Pop at most ``free_slots`` due batches, oldest first."""
+    def take(
+        self, now: float, free_slots: int, in_flight: int, queue_slots: int = 0
+    ) -> list[tuple[Hashable, list[T]]]:
+        """Pop at most ``free_slots`` due batches, oldest first, then up to ``queue_slots`` full ones.
+
+        A full batch cannot grow by waiting, so it may go ahead into the pool's
+        queue (``queue_slots``) while every process is busy: the child starts it
+        the moment it finishes the batch before, instead of after a round trip
+        through the main process.
+        """
         batches: list[tuple[Hashable, list[T]]] = []
         while len(batches) < free_slots and self._queues:
             due = [
@@ -101,6 +109,18 @@ class BatchAssembler(Generic[T]):
                 break
             _, key = min(due, key=lambda d: d[0])
             batches.append((key, self._pop(key)))
+        queued = 0
+        while queued < queue_slots and self._queues:
+            full = [
+                (q.items[0].since, key)
+                for key, q in self._queues.items()
+                if q.samples >= q.policy.max_batch_size
+            ]
+            if not full:
+                break
+            _, key = min(full, key=lambda d: d[0])
+            batches.append((key, self._pop(key)))
+            queued += 1
         return batches
 
     def _pop(self, key: Hashable) -> list[T]:

@@ -34,6 +34,8 @@ def deliveries(headers: dict[str, Any] | None) -> int:
 class PoisonAwareRequest(Request):
     def send_event(self, type: str, **fields: Any) -> None:
         # Flower shows the result text of task-succeeded: bytes (tensor data) as their size only.
+        if not (self.eventer and self.eventer.enabled):
+            return  # events are off (Flower switches them on): nothing to send or redact
         if type == "task-succeeded" and isinstance(fields.get("result"), str):
             fields["result"] = redact_bytes(fields["result"])
         super().send_event(type, **fields)

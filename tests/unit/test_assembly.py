@@ -86,3 +86,14 @@ def test_drain_forgets_everything_waiting() -> None:
     a.add("j", "r1", now=0.0)
     assert sorted(a.drain()) == ["r0", "r1"] and len(a) == 0
     assert a.take(now=5.0, free_slots=1, in_flight=0) == []
+
+
+def test_a_full_batch_may_wait_in_the_pool_queue_a_partial_one_may_not() -> None:
+    a = make(size=2)
+    for i in range(5):
+        a.add("k", f"r{i}", now=0.0)
+    # No free process: only full batches go ahead into the pool's queue, one per slot.
+    assert a.take(now=0.0, free_slots=0, in_flight=1, queue_slots=1) == [("k", ["r0", "r1"])]
+    assert a.take(now=0.0, free_slots=0, in_flight=2, queue_slots=0) == []
+    assert a.take(now=0.0, free_slots=0, in_flight=1, queue_slots=5) == [("k", ["r2", "r3"])]
+    assert len(a) == 1  # r4 alone is not full: it waits to grow

@@ -252,3 +252,15 @@ def test_batch_key_reads_the_envelope_without_decoding() -> None:
     assert batch_key("cnn", four, "fp32") == (("cnn", "fp32", (3, 32, 32), "float32"), 4)
     key, samples = batch_key("mlp", [[0.0] * 64], None)  # type: ignore[misc]
     assert key == ("mlp", None, "list", None) and samples == 1  # the child regroups by shape
+
+
+def test_a_full_batch_is_queued_behind_the_running_one() -> None:
+    strategy, consumer, _ = make(INFER_MAX_BATCH_SIZE="3")
+    strategy.collect(FakeRequest("running", SAMPLE))
+    for i in range(7):
+        strategy.collect(FakeRequest(f"t{i}", SAMPLE))
+    # One job runs, one full batch waits in the pool's queue; the rest keeps filling.
+    assert [j.ids for j in consumer.pool.jobs] == [["running"], ["t0", "t1", "t2"]]
+    consumer.pool.jobs[0].finish()
+    assert [j.ids for j in consumer.pool.jobs][2:] == [["t3", "t4", "t5"]]
+    assert len(strategy.assembler) == 1
