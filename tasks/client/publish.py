@@ -48,6 +48,7 @@ with N is only what the caller asked for (its N AsyncResults, and in
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import types
@@ -320,9 +321,11 @@ def publish_many(
         with app.producer_or_acquire() as producer:
             value = send_all(producer)
         return value, PublishTiming(len(ids), time.perf_counter() - started, 0.0, window)
+    together = getattr(app.backend, "subscribing_together", None)  # ours: one SUBSCRIBE for all
     with confirming_producer(app, window, confirm_timeout, ids) as (producer, pipeline):
         try:
-            value = send_all(producer)
+            with together() if together is not None else contextlib.nullcontext():
+                value = send_all(producer)
         except PublishFailed:
             raise
         except Exception as e:  # a router, connection or channel error part way through

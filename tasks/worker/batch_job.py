@@ -82,6 +82,7 @@ class _Request:
     outputs: np.ndarray | None = None
     forward_batch: int = 0
     compute_ms: float = 0.0
+    referenced: bool = False  # its input is a claim check (a blob to delete once stored)
     error: BaseException | None = None
     traceback: str | None = None
     reply: dict[str, Any] | None = None
@@ -133,8 +134,12 @@ def reply(
     }
 
 
-def run_batch(task_name: str, items: list[BatchItem]) -> list[Outcome]:
-    """Serve ``items`` (one pool job); one outcome per item, in order."""
+def run_batch(task_name: str, items: list[BatchItem], events: bool = True) -> list[Outcome]:
+    """Serve ``items`` (one pool job); one outcome per item, in order.
+
+    ``events``: whether the main process sends task events now; without them
+    no one reads a success's result text, so it is not made.
+    """
     from tasks.worker.runtime import get_runtime
 
     started = time.time()
@@ -201,10 +206,10 @@ def run_batch(task_name: str, items: list[BatchItem]) -> list[Outcome]:
             _signal(task, r, signals.task_postrun, task_id=r.context.id, task=task, state=None)
         return [o for o in outcomes if o is not None]
 
-    _release_blobs(live)
+    _release_blobs([r for r in live if r.referenced])
     runtime_s = time.time() - started
     for r in live:
-        outcomes[r.index] = _finish(task, r, runtime_s)
+        outcomes[r.index] = _finish(task, r, runtime_s, events)
     return [o for o in outcomes if o is not None]
 
 
@@ -242,6 +247,7 @@ def _check_each(requests: list[_Request], device: Any) -> None:
         except Exception as e:  # Redis unreachable, or no Redis for blobs
             fetched = [e] * len(referenced)
         for r, value in zip(referenced, fetched, strict=True):
+            r.referenced = True
             if isinstance(value, BaseException):
                 _fail(r, value)
             else:
@@ -386,7 +392,7 @@ def _stores(task: Any, r: _Request) -> bool:
     return not ignore or (r.error is not None and task.store_errors_even_if_ignored)
 
 
-def _finish(task: Any, r: _Request, runtime_s: float) -> Outcome:
+def _finish(task: Any, r: _Request, runtime_s: float, events: bool) -> Outcome:
     """Fire the request's signals and log its failure; its outcome for the main process."""
     if r.error is None:
         _signal(task, r, signals.task_success, result=r.reply)
@@ -399,7 +405,8 @@ def _finish(task: Any, r: _Request, runtime_s: float) -> Outcome:
             retval=r.reply,
             state=states.SUCCESS,
         )
-        return (0, display(r.reply), runtime_s)
+        # What Flower shows as the result: shapes and sizes, never tensor bytes.
+        return (0, display(r.reply) if events else None, runtime_s)
     exc = r.error
     if isinstance(exc, RequestError):
         log.info(

@@ -262,7 +262,7 @@ class BatchingStrategy:
         self.in_flight_requests += len(reqs)
         self.pool.apply_async(
             run_batch,
-            args=(self.task.name, payload),
+            args=(self.task.name, payload, self._events_on()),
             accept_callback=on_accepted,
             timeout_callback=on_timeout,
             callback=on_result,
@@ -271,6 +271,10 @@ class BatchingStrategy:
             soft_timeout=soft,
             correlation_id=reqs[0].id,
         )
+
+    def _events_on(self) -> bool:
+        dispatcher = getattr(self.consumer, "event_dispatcher", None)
+        return bool(dispatcher is not None and dispatcher.enabled)
 
     def busy(self) -> int:
         """Pool processes taken: our batch jobs, and any other task's request sent to the pool.

@@ -105,3 +105,21 @@ def test_a_bad_sample_publishes_nothing_and_names_its_index(idle_queue: str) -> 
     with pytest.raises(errors.NonFiniteInput, match=r"samples\[321\]"):
         infer.map("mlp", x, queue=idle_queue)
     assert queue_depth(idle_queue) == 1
+
+
+def test_map_subscribes_to_every_result_in_one_subscribe(idle_queue: str) -> None:
+    """Pins tasks.wire.backend.ManyResultConsumer: one SUBSCRIBE, every channel live on Redis."""
+    x = np.zeros((50, 64), np.float32)
+    commands_before = _subscribe_calls()
+    result = infer.map("mlp", x, queue=idle_queue)
+    keys = [app.backend.get_key_for_task(i) for i in result.ids]
+    assert set(keys) <= app.backend.result_consumer.subscribed_to
+    live = dict(app.backend.client.pubsub_numsub(*keys))  # Redis' own count per channel
+    assert all(live[k] >= 1 for k in keys), live
+    # One SUBSCRIBE for the 50 (the first call may also open the consumer: at most 2).
+    assert _subscribe_calls() - commands_before <= 2
+
+
+def _subscribe_calls() -> int:
+    stats = app.backend.client.info("commandstats")
+    return int(stats.get("cmdstat_subscribe", {}).get("calls", 0))
