@@ -7,8 +7,11 @@ from typing import Any
 __all__ = ["pika_parameters"]
 
 
-def pika_parameters(url: str) -> Any:
-    """pika parameters for a kombu-style AMQP URL (kombu's ``//`` is vhost ``/``; pika's is ``''``)."""
+def pika_parameters(url: str, heartbeat: int | None = None) -> Any:
+    """pika parameters for a kombu-style AMQP URL (kombu's ``//`` is vhost ``/``; pika's is ``''``).
+
+    ``heartbeat``: seconds, 0 to switch heartbeats off; None takes the broker's.
+    """
     import pika
     from kombu.utils.url import parse_url
 
@@ -18,4 +21,5 @@ def pika_parameters(url: str) -> Any:
         port=parts["port"] or 5672,
         virtual_host=parts["virtual_host"] or "/",
         credentials=pika.PlainCredentials(parts["userid"] or "guest", parts["password"] or "guest"),
+        **({} if heartbeat is None else {"heartbeat": heartbeat}),
     )

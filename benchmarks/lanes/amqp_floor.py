@@ -9,6 +9,7 @@ Summary: the round-trip figures of :mod:`benchmarks.lanes.roundtrip`.
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 import time
@@ -18,7 +19,13 @@ from typing import Any
 import psutil
 
 from benchmarks.amqp import pika_parameters
-from benchmarks.lanes.base import LaneContext, live_process, rss_mb, stop_session
+from benchmarks.lanes.base import (
+    LaneContext,
+    delete_queues,
+    live_process,
+    rss_mb,
+    stop_session,
+)
 from benchmarks.lanes.roundtrip import RoundTripLane
 
 __all__ = ["AmqpFloorLane"]
@@ -42,7 +49,10 @@ class AmqpFloorLane(RoundTripLane):
     def start(self) -> None:
         import pika
 
-        self.connection = pika.BlockingConnection(pika_parameters(self.url))
+        # No heartbeats: a blocking connection only answers them during this lane's own
+        # rounds, and the other lanes' rounds (minutes in a full run) would let the broker
+        # drop it (seen: a full run lost its results to that at the end).
+        self.connection = pika.BlockingConnection(pika_parameters(self.url, heartbeat=0))
         self.channel = self.connection.channel()
         self.channel.confirm_delivery()
         self.channel.queue_declare(queue=self.queue, durable=True)
@@ -99,5 +109,8 @@ class AmqpFloorLane(RoundTripLane):
     def close(self) -> None:
         stop_session(self.proc)
         if self.connection is not None and self.connection.is_open:
-            self.channel.queue_delete(self.queue)
-            self.connection.close()
+            with contextlib.suppress(Exception):  # dropped by the broker: a fresh one below
+                self.channel.queue_delete(self.queue)
+                self.connection.close()
+                return
+        delete_queues([self.queue])

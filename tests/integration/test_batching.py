@@ -30,16 +30,20 @@ from routing.queues import direct_queue
 from tasks import app, infer, infer_many
 from tasks.canvas import ManyResult, gather
 from tasks.diagnostics import count, sleep
-from tasks.ops.launcher import WorkerProcess
+from tasks.ops.launcher import WorkerProcess, free_port
 from tasks.wire.topology import remove_topology
 from tasks.worker.command import worker_argv
 from tests.integration.conftest import eventually, queue_depth
 from tests.integration.flower_server import running_flower
+from tests.integration.test_metrics import scrape, value
 from tests.reliability.ledger_hook import LEDGER_HEADER
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 LEDGER = ["--include", "tests.reliability.ledger_hook"]
+
+
+METRICS_PORT = free_port()
 
 
 def batching_process(name: str, logdir: Path, **env: str) -> WorkerProcess:
@@ -60,7 +64,9 @@ def batching_process(name: str, logdir: Path, **env: str) -> WorkerProcess:
 def batching_worker(
     run_id: str, tmp_path_factory: pytest.TempPathFactory, weights_dir: Path
 ) -> Iterator[WorkerProcess]:
-    w = batching_process(f"bw-{run_id}", tmp_path_factory.mktemp("batching"))
+    w = batching_process(
+        f"bw-{run_id}", tmp_path_factory.mktemp("batching"), INFER_METRICS_PORT=str(METRICS_PORT)
+    )
     with w:
         yield w
     remove_topology(app, w.consumed_queues)
@@ -98,6 +104,12 @@ def test_500_concurrent_requests_batch_and_match_unbatched(
     assert all(r["batch_size"] == 1 for r in replies)  # each is still its own task and result
     assert len(set(result.ids)) == 500
     assert all(app.AsyncResult(i).state == "SUCCESS" for i in result.ids[:20])
+    # Prometheus counts every request, and fewer forward passes than requests.
+    samples = scrape(METRICS_PORT)
+    assert value(samples, "infer_requests_total", model="cnn", outcome="success") >= 500
+    passes = value(samples, "infer_batch_size_count", model="cnn")
+    assert 0 < passes < 500
+    assert value(samples, "infer_batch_size_sum", model="cnn") >= 500
 
 
 def test_a_bad_request_in_a_batch_fails_alone(batching_worker: WorkerProcess) -> None:
