@@ -175,12 +175,28 @@ def _headline(result: dict[str, Any], source: str) -> str:
         f"flight"
         + (
             f"; saturated: {p['producers']} client processes, {p['saturation_in_flight']} in "
-            "flight in all, on each deployment worker's own queue"
+            f"flight in all{_own_windows(result)}, on each deployment worker's own queue"
             if p.get("producers")
             else ""
         )
         + f". Source: `{source}`."
     )
+
+
+def _own_windows(result: dict[str, Any]) -> str:
+    """Lanes whose saturation phase keeps its own number in flight (the file says, or may not)."""
+    own = {
+        name: lane["saturation_in_flight"]
+        for name, lane in result.get("lanes", {}).items()
+        if lane.get("saturation_in_flight") not in (None, result["plan"]["saturation_in_flight"])
+    }
+    if own:
+        return " (" + ", ".join(f"`{name}` {n}" for name, n in sorted(own.items())) + ")"
+    # Files with saturation-phase CPU figures come from the harness whose lanes may set their
+    # own number in flight without recording it (the first run of issue 14's batching lane).
+    if any("saturated_cpu_ms_per_request" in lane for lane in result.get("lanes", {}).values()):
+        return " (except where a lane sets its own: see the lanes above)"
+    return ""
 
 
 def render(result: dict[str, Any], source: str) -> str:

@@ -127,6 +127,10 @@ class RoundTripLane(Lane):
     def latency_ms(self) -> list[float]:
         return [ms for r in self.rounds for ms in r.rtt_ms]
 
+    def saturation_in_flight(self) -> int | None:
+        """Requests in flight in this lane's saturation phase (None: it has none)."""
+        return None
+
     def served(self, figures: dict[str, Any]) -> dict[str, Any]:
         """Figures of this lane's own (e.g. the model and samples/s), after the common ones."""
         return {}
@@ -145,6 +149,7 @@ class RoundTripLane(Lane):
         saturated = [r.saturated_per_s for r in rounds if r.saturated_per_s is not None]
         if saturated:
             lane["saturated_req_s"] = median_of_rounds([{"v": v} for v in saturated])["v"]
+            lane["saturation_in_flight"] = self.saturation_in_flight()
         lane.update(self.served(lane))
         keys = rounds[0].breakdown_ms.keys()
         if keys:
@@ -234,6 +239,9 @@ class CeleryTaskLane(RoundTripLane):
             out.served += phase.served
             out.client_cpu_s += phase.client_cpu_s
         return out
+
+    def saturation_in_flight(self) -> int | None:
+        return self.saturation.window if self.saturation is not None else None
 
     def peer_process(self) -> psutil.Process | None:
         return psutil.Process(self.worker.process.pid) if self.worker.process.alive() else None

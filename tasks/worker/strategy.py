@@ -201,7 +201,13 @@ class BatchingStrategy:
 
     # -- dispatch --------------------------------------------------------------------------------
     def flush(self) -> None:
-        """Send every due batch the pool has room for; arm a timer for the next one."""
+        """Send every due batch the pool has room for; arm a timer for the next one.
+
+        Not while the worker shuts down: what still waits here stays unacked and
+        goes back to the queue with the connection, for another worker.
+        """
+        if worker_state.should_stop or worker_state.should_terminate:
+            return
         now = self.clock()
         processes = self.pool.num_processes
         while len(self.assembler):
