@@ -218,21 +218,27 @@ def test_flower_lists_every_request_of_a_batch(
         q = batching_worker.own_queue
         held = hold_child(batching_worker)
         sent = [infer.apply_async(("mlp", mlp_sample(i)), queue=q) for i in range(16)]
+        bad_env = {"dtype": "float32", "shape": [64], "data": [float("nan")] * 64}
+        bad = app.send_task("tasks.infer", args=("mlp", bad_env), queue=q)  # in the same batch
         held.get(timeout=30)
         replies = [p.get(timeout=60) for p in sent]
         assert max(r["forward_batch"] for r in replies) > 1
+        with pytest.raises(errors.NonFiniteInput):
+            bad.get(timeout=60)
 
         def listed() -> dict[str, Any] | None:
             tasks = flower.api("/api/tasks")
             states = {p.id: (tasks.get(p.id) or {}).get("state") for p in sent}
-            return tasks if all(s == "SUCCESS" for s in states.values()) else None
+            done = all(s == "SUCCESS" for s in states.values())
+            return tasks if done and (tasks.get(bad.id) or {}).get("state") == "FAILURE" else None
 
-        tasks = eventually(listed, what="every request of the batch as SUCCESS in /api/tasks")
+        tasks = eventually(listed, what="the batch as SUCCESS and its bad request as FAILURE")
         for p in sent:
             task = tasks[p.id]
             assert task["name"] == "tasks.infer" and task["worker"] == batching_worker.hostname
             assert task["received"] and task["started"] and task["succeeded"]
             assert "<tensor" in task["result"] and "\\x" not in task["result"]
+        assert "NonFiniteInput" in tasks[bad.id]["exception"]  # its own task-failed event
 
 
 def test_worker_killed_mid_batch_loses_none_of_500(run_id: str, tmp_path: Path) -> None:
@@ -251,15 +257,17 @@ def test_worker_killed_mid_batch_loses_none_of_500(run_id: str, tmp_path: Path) 
     )
     try:
         victim.start().wait_ready()
+        held = hold_child(victim, seconds=1.0)  # the 500 are all delivered or queued first
         x = np.random.default_rng(3).standard_normal((500, 3, 32, 32), dtype=np.float32)
         result = infer.map("cnn", x, queue=victim.own_queue)
         pending = [app.AsyncResult(i) for i in result.ids]
+        held.get(timeout=30)
         deadline = time.monotonic() + 60
-        while not any(p.ready() for p in pending[:50]):  # mid-stream: batches done and waiting
+        while not pending[0].ready():  # the first batch is stored, the next is in the child
             assert time.monotonic() < deadline
-            time.sleep(0.005)
-        done_before = sum(p.ready() for p in pending)
+            time.sleep(0.002)
         victim.kill()
+        done_before = sum(p.ready() for p in pending)
         assert done_before < 500, "the victim finished everything before it was killed"
         rescuer.start().wait_ready()  # consumes the fallback queue the direct queue dead-letters to
         replies = [p.get(timeout=180) for p in pending]
