@@ -12,7 +12,10 @@ built from its own settings on its first routed call.
 
 from __future__ import annotations
 
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from celery import Celery
@@ -67,6 +70,7 @@ class InferenceApp(Celery):
             # from CELERY_BROKER_URL when that is set.)
             self.backend_cls = settings.backend
         self._infer_settings = settings
+        self._publishing = threading.local()  # send_task depth, and whether a group pipelines
         self.route = AppRoute(lambda: self.infer_settings)
         self.add_defaults(self._config)
         self.on_after_configure.connect(self._enable_signing, weak=False)
@@ -89,6 +93,51 @@ class InferenceApp(Celery):
             from tasks.wire import signing
 
             signing.enable(self, self.infer_settings.serializer)
+
+    def send_task(self, *args: Any, **kwargs: Any) -> Any:
+        local = self._publishing
+        local.depth = getattr(local, "depth", 0) + 1
+        try:
+            if getattr(local, "pipelining", False):
+                # A reconnect would republish on a new channel, whose delivery tags the
+                # pipeline does not track: a lost connection raises PublishFailed instead.
+                kwargs["retry"] = False
+            return super().send_task(*args, **kwargs)
+        finally:
+            local.depth -= 1
+
+    def producer_or_acquire(self, producer: Any = None) -> Any:
+        """Celery's, except for many publishes at once (a ``group``, a chord's header).
+
+        Celery calls this with no producer from ``send_task`` (one message) and
+        from ``group.apply_async`` (many, one per task).  For the latter, on
+        RabbitMQ, it yields a producer whose publishes do not wait: the confirms
+        are awaited together when the group has published
+        (:func:`tasks.client.publish.pipelined`), so a returned
+        ``group(...).apply_async()`` is still durable, and a nacked or
+        unconfirmed message raises ``PublishFailed`` naming its task id.
+        """
+        if (
+            producer is not None
+            or bool(getattr(self._publishing, "depth", 0))
+            or getattr(self._publishing, "pipelining", False)
+            or self.conf.task_always_eager
+            or self.infer_settings.embedded
+            or not self.infer_settings.broker.startswith(("amqp", "pyamqp"))
+        ):
+            return super().producer_or_acquire(producer)
+        return self._pipelined_producer()
+
+    @contextmanager
+    def _pipelined_producer(self) -> Iterator[Any]:
+        from tasks.client.publish import pipelined
+
+        self._publishing.pipelining = True
+        try:
+            with pipelined(self) as (producer, _):
+                yield producer
+        finally:
+            self._publishing.pipelining = False
 
     @property
     def infer_settings(self) -> Settings:

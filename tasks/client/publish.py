@@ -71,6 +71,8 @@ __all__ = [
     "confirming_producer",
     "drain",
     "message_task_id",
+    "on_amqp",
+    "pipelined",
     "publish_many",
 ]
 
@@ -314,18 +316,44 @@ def publish_many(
     naming the ids not known to be durable; an error before anything was
     published propagates unchanged (the same one ``apply_async`` raises).
     """
-    with app.connection_for_write() as probe:
-        on_amqp = probe.transport.driver_type == "amqp"
-    if not on_amqp:  # no publisher confirms off AMQP: the app's own producer, as apply_async
+    if not on_amqp(app):  # no publisher confirms off AMQP: the app's own producer, as apply_async
         started = time.perf_counter()
         with app.producer_or_acquire() as producer:
             value = send_all(producer)
         return value, PublishTiming(len(ids), time.perf_counter() - started, 0.0, window)
+    with pipelined(app, window, confirm_timeout, ids) as (producer, pipeline):
+        value = send_all(producer)
+    return value, pipeline.timing
+
+
+def on_amqp(app: Any) -> bool:
+    """Whether ``app`` publishes to an AMQP broker (the only kind with publisher confirms)."""
+    with app.connection_for_write() as probe:
+        return bool(probe.transport.driver_type == "amqp")
+
+
+@contextmanager
+def pipelined(
+    app: Any,
+    window: int = DEFAULT_WINDOW,
+    confirm_timeout: float = 30.0,
+    ids: Sequence[str] = (),
+) -> Iterator[tuple[Any, Pipeline]]:
+    """A producer whose publishes do not wait; leaving the block waits for all their confirms.
+
+    Yields ``(producer, pipeline)``.  Everything published with the producer
+    inside the block is confirmed when the block is left (the timings are in
+    ``pipeline.timing``), or :class:`PublishFailed` names the task ids not
+    known to be durable; an error before anything was published propagates
+    unchanged.  The results of the tasks sent inside subscribe together
+    (one SUBSCRIBE, :class:`tasks.wire.backend.ResilientRedisBackend`).
+    AMQP only (:func:`on_amqp`).
+    """
     together = getattr(app.backend, "subscribing_together", None)  # ours: one SUBSCRIBE for all
     with confirming_producer(app, window, confirm_timeout, ids) as (producer, pipeline):
         try:
             with together() if together is not None else contextlib.nullcontext():
-                value = send_all(producer)
+                yield producer, pipeline
         except PublishFailed:
             raise
         except Exception as e:  # a router, connection or channel error part way through
@@ -333,9 +361,8 @@ def publish_many(
                 raise
             raise pipeline.failed(f"publishing raised {type(e).__name__}: {e}") from e
         try:
-            timing = pipeline.finish()
+            pipeline.finish()
         except PublishFailed:
             raise
         except Exception as e:  # the connection died while we waited for confirms
             raise pipeline.failed(f"connection lost: {type(e).__name__}: {e}") from e
-    return value, timing

@@ -123,3 +123,28 @@ def test_map_subscribes_to_every_result_in_one_subscribe(idle_queue: str) -> Non
 def _subscribe_calls() -> int:
     stats = app.backend.client.info("commandstats")
     return int(stats.get("cmdstat_subscribe", {}).get("calls", 0))
+
+
+def test_a_plain_group_is_published_pipelined_and_durable(
+    idle_queue: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``group(...).apply_async()`` publishes without waiting per message, then all confirms."""
+    from celery import group
+
+    from tasks.client import publish
+
+    sent: list[str] = []
+    original = publish.Pipeline.publish
+
+    def counting(self: publish.Pipeline, message: Any, *args: Any, **kwargs: Any) -> Any:
+        sent.append(publish.message_task_id(message))
+        return original(self, message, *args, **kwargs)
+
+    monkeypatch.setattr(publish.Pipeline, "publish", counting)
+    infer.apply_async(("mlp", np.zeros(64, np.float32)), queue=idle_queue)
+    assert sent == []  # one apply_async: Celery's own confirmed publish, with its retries
+    result = group(
+        infer.s("mlp", np.full(64, i, np.float32)).set(queue=idle_queue) for i in range(300)
+    ).apply_async()
+    assert sorted(sent) == sorted(r.id for r in result.results)  # every one through the pipeline
+    assert queue_depth(idle_queue) == 301  # all confirmed on the broker when apply_async returned
