@@ -341,7 +341,9 @@ def pipelined(
 ) -> Iterator[tuple[Any, Pipeline]]:
     """A producer whose publishes do not wait; leaving the block waits for all their confirms.
 
-    Yields ``(producer, pipeline)``.  Everything published with the producer
+    Yields ``(producer, pipeline)``.  Publish with ``producer=producer,
+    retry=False`` (a retry would republish on a new channel, whose delivery
+    tags the pipeline does not track).  Everything published with the producer
     inside the block is confirmed when the block is left (the timings are in
     ``pipeline.timing``), or :class:`PublishFailed` names the task ids not
     known to be durable; an error before anything was published propagates
