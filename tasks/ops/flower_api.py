@@ -56,10 +56,9 @@ from flower.api import tasks as flower_tasks
 from tornado.web import HTTPError
 
 from models.errors import ConfigurationError, InferenceError, NoCapableWorker, RequestError
-from tasks.wire.codec import display, estimated_nbytes, redact_bytes
+from tasks.wire.codec import display, estimated_nbytes, is_envelope, redact_bytes
 
 __all__ = [
-    "ENVELOPE_KEYS",
     "Refused",
     "TaskApply",
     "TaskAsyncApply",
@@ -74,8 +73,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-ENVELOPE_KEYS = frozenset({"dtype", "shape", "data"})  # a tensor on the wire (tasks.wire.codec)
 
 
 def status_for(error: InferenceError) -> int:
@@ -125,9 +122,9 @@ def jsonable(value: Any) -> Any:
     """
     if isinstance(value, BaseException):
         return error_body(value)
+    if is_envelope(value):
+        return tensor_summary(value)
     if isinstance(value, dict):
-        if set(value) == ENVELOPE_KEYS:
-            return tensor_summary(value)
         return {k if isinstance(k, str) else display(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [jsonable(v) for v in value]

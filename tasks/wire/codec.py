@@ -26,6 +26,7 @@ __all__ = [
     "display",
     "encode",
     "estimated_nbytes",
+    "is_envelope",
     "redact_bytes",
     "refuse_oversized",
     "refuse_text_content",
@@ -41,6 +42,11 @@ MAX_NESTING = 32  # list nesting probed for a size estimate (numpy 1.x allowed 3
 _KEYS = {"dtype", "shape", "data"}
 # A bytes literal in a repr, possibly cut short by a length limit.
 _BYTES_REPR = re.compile(r"""(?<![\w'"])(?:b'(?:[^'\\]|\\.)*(?:'|$)|b"(?:[^"\\]|\\.)*(?:"|$))""")
+
+
+def is_envelope(value: Any) -> bool:
+    """Whether ``value`` has the shape of a tensor envelope: exactly ``{dtype, shape, data}``."""
+    return isinstance(value, dict) and set(value) == _KEYS
 
 
 def to_array(value: Any) -> np.ndarray | None:
@@ -174,7 +180,7 @@ def display(value: Any, depth: int = 0) -> str:
     a dump of its bytes, long lists become their length, bytes and long
     strings are cut; lists and dicts are shown two levels deep.
     """
-    if isinstance(value, dict) and set(value) == _KEYS:
+    if is_envelope(value):
         shape = value.get("shape")
         dims = ", ".join(str(d) for d in shape) if isinstance(shape, list | tuple) else "?"
         data = value.get("data")

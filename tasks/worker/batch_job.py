@@ -71,7 +71,7 @@ BatchItem = tuple[dict[str, Any], dict[str, Any], float]
 Outcome = tuple[int, Any, float]
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: its fields hold arrays
 class _Request:
     index: int
     context: Context
@@ -82,7 +82,7 @@ class _Request:
     outputs: np.ndarray | None = None
     forward_batch: int = 0
     compute_ms: float = 0.0
-    referenced: bool = False  # its input is a claim check (a blob to delete once stored)
+    blob: dict[str, Any] | None = None  # its claim-checked input's reference (deleted once stored)
     error: BaseException | None = None
     traceback: str | None = None
     reply: dict[str, Any] | None = None
@@ -206,7 +206,7 @@ def run_batch(task_name: str, items: list[BatchItem], events: bool = True) -> li
             _signal(task, r, signals.task_postrun, task_id=r.context.id, task=task, state=None)
         return [o for o in outcomes if o is not None]
 
-    _release_blobs([r for r in live if r.referenced])
+    _release_blobs(live)
     runtime_s = time.time() - started
     for r in live:
         outcomes[r.index] = _finish(task, r, runtime_s, events)
@@ -247,7 +247,7 @@ def _check_each(requests: list[_Request], device: Any) -> None:
         except Exception as e:  # Redis unreachable, or no Redis for blobs
             fetched = [e] * len(referenced)
         for r, value in zip(referenced, fetched, strict=True):
-            r.referenced = True
+            r.blob = inputs[r.index]
             if isinstance(value, BaseException):
                 _fail(r, value)
             else:
@@ -268,11 +268,7 @@ def _check_each(requests: list[_Request], device: Any) -> None:
 
 def _release_blobs(requests: list[_Request]) -> None:
     """Delete the claim-checked inputs of requests whose outcome is stored (one UNLINK)."""
-    refs = [
-        inputs
-        for r in requests
-        if blobs.is_reference(inputs := infer_call(r.args, r.kwargs, strict=False).inputs)
-    ]
+    refs = [r.blob for r in requests if r.blob is not None]
     if not refs:
         return
     try:
@@ -350,6 +346,7 @@ def _format_traceback(exc: BaseException) -> str:
 def _store(task: Any, backend: Any, requests: list[_Request], pipelined: bool) -> None:
     """Every result of the batch, then the chord parts, chains and errbacks that need them."""
     stored = [r for r in requests if _stores(task, r)]
+    by_backend = set() if pipelined else {r.index for r in stored}  # stored one by one below
     if pipelined:
         result_pipeline.store_all(
             backend,
@@ -368,7 +365,7 @@ def _store(task: Any, backend: Any, requests: list[_Request], pipelined: bool) -
     for r in requests:
         try:
             if r.error is None:
-                if not pipelined and r in stored:
+                if r.index in by_backend:
                     backend.store_result(r.context.id, r.reply, states.SUCCESS, request=r.context)
                 if r.context.chord:
                     backend.on_chord_part_return(r.context, states.SUCCESS, r.reply)
@@ -378,7 +375,7 @@ def _store(task: Any, backend: Any, requests: list[_Request], pipelined: bool) -
                     r.error,
                     r.traceback,
                     request=r.context,
-                    store_result=not pipelined and r in stored,
+                    store_result=r.index in by_backend,
                 )
         except Exception as e:  # one chord's trouble must not fail the batch's other requests
             log.error("chord or errback of %s failed: %s", r.context.id, e, exc_info=True)
@@ -394,46 +391,41 @@ def _stores(task: Any, r: _Request) -> bool:
 
 def _finish(task: Any, r: _Request, runtime_s: float, events: bool) -> Outcome:
     """Fire the request's signals and log its failure; its outcome for the main process."""
+    outcome: Outcome
+    retval: Any
     if r.error is None:
         _signal(task, r, signals.task_success, result=r.reply)
+        retval, state = r.reply, states.SUCCESS
+        # What Flower shows as the result: shapes and sizes, never tensor bytes.
+        outcome = (0, display(r.reply) if events else None, runtime_s)
+    else:
+        exc = r.error
+        if isinstance(exc, RequestError):
+            log.info(
+                "Task %s[%s] raised expected: %s: %s",
+                task.name,
+                r.context.id,
+                type(exc).__name__,
+                exc,
+            )
+        else:
+            log.error("Task %s[%s] raised unexpected: %s", task.name, r.context.id, r.traceback)
+        einfo = _einfo(exc)
         _signal(
             task,
             r,
-            signals.task_postrun,
+            signals.task_failure,
             task_id=r.context.id,
-            task=task,
-            retval=r.reply,
-            state=states.SUCCESS,
+            exception=exc,
+            traceback=exc.__traceback__,
+            einfo=einfo,
         )
-        # What Flower shows as the result: shapes and sizes, never tensor bytes.
-        return (0, display(r.reply) if events else None, runtime_s)
-    exc = r.error
-    if isinstance(exc, RequestError):
-        log.info(
-            "Task %s[%s] raised expected: %s: %s", task.name, r.context.id, type(exc).__name__, exc
-        )
-    else:
-        log.error("Task %s[%s] raised unexpected: %s", task.name, r.context.id, r.traceback)
-    einfo = _einfo(exc)
+        retval, state = exc, states.FAILURE
+        outcome = (1, einfo, runtime_s)
     _signal(
-        task,
-        r,
-        signals.task_failure,
-        task_id=r.context.id,
-        exception=exc,
-        traceback=exc.__traceback__,
-        einfo=einfo,
+        task, r, signals.task_postrun, task_id=r.context.id, task=task, retval=retval, state=state
     )
-    _signal(
-        task,
-        r,
-        signals.task_postrun,
-        task_id=r.context.id,
-        task=task,
-        retval=exc,
-        state=states.FAILURE,
-    )
-    return (1, einfo, runtime_s)
+    return outcome
 
 
 def _signal(sender: Any, r: _Request, signal: Any, /, **fields: Any) -> None:

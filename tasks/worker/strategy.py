@@ -52,6 +52,7 @@ from celery.worker.strategy import default
 
 from models.errors import RequestError
 from models.registry import get_spec
+from tasks.wire.codec import is_envelope
 from tasks.wire.request import infer_call
 from tasks.worker.assembly import BatchAssembler, BatchPolicy
 from tasks.worker.batch_job import run_batch
@@ -60,8 +61,6 @@ from tasks.worker.poison import deliveries
 __all__ = ["BatchingStrategy", "batch_key", "batching", "discard_waiting"]
 
 log = logging.getLogger(__name__)
-
-ENVELOPE_KEYS = frozenset({"dtype", "shape", "data"})
 
 
 def batching(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Any:
@@ -120,14 +119,15 @@ class _Collecting:
         return getattr(self._consumer, name)
 
 
-def batch_key(model: Any, inputs: Any, dtype: Any) -> tuple[Hashable, int] | None:
-    """(batch key, samples) of an ``infer`` call, read without decoding any tensor; None: unknown model.
+def batch_key(model: Any, inputs: Any, dtype: Any) -> tuple[Hashable, int]:
+    """(batch key, samples) of an ``infer`` call, read without decoding any tensor.
 
+    Raises :class:`~models.errors.UnknownModel` for a model no source knows.
     The key is a hint for grouping: the child regroups by the decoded shape,
     so a list input (its shape unknown here) is still served right.
     """
-    spec = get_spec(model)  # UnknownModel for a name no source knows
-    if isinstance(inputs, dict) and set(inputs) >= ENVELOPE_KEYS:
+    spec = get_spec(model)
+    if is_envelope(inputs):
         shape = inputs.get("shape")
         if isinstance(shape, list | tuple) and all(isinstance(d, int) for d in shape):
             if len(shape) == len(spec.sample_shape) + 1:
@@ -190,12 +190,9 @@ class BatchingStrategy:
             model, inputs, dtype = infer_call(req.args, req.kwargs)
             if not isinstance(dtype, str | None):
                 return None  # the task body refuses it with its typed error
-            found = batch_key(model, inputs, dtype)
+            key, samples = batch_key(model, inputs, dtype)
         except RequestError:
             return None
-        if found is None:
-            return None
-        key, samples = found
         alone = bool(req.delivery_info.get("redelivered")) or deliveries(req.request_dict) > 0
         return key, samples, alone
 

@@ -11,7 +11,7 @@ import pytest
 from models.errors import TaskCrashed
 from routing.queues import dead_letter_queue
 from tasks.client.routes import wait_for_workers
-from tests.reliability.conftest import BOTH_WORKERS, FleetFactory, Scale
+from tests.reliability.conftest import BOTH_WORKERS, Fleet, FleetFactory, Scale
 from tests.reliability.ledger import sample
 from tests.reliability.ledger_hook import POISON_HEADER
 
@@ -86,16 +86,7 @@ def test_poison_task_is_dead_lettered(fleet: FleetFactory, rapp: object, batchin
     assert sum(1 for m in outcomes.values() if m["status"] == "SUCCESS") == 500
     deliveries = f.ledger.executions()[poison]
     assert 1 < deliveries <= limit + 1  # redelivered, then stopped at the limit
-    dead = dead_letter_queue(f.queue)
-    assert dead is not None
-    dead_ids = []
-    deadline = time.monotonic() + 30
-    with f.app.connection_for_write() as conn:
-        channel = conn.default_channel
-        while time.monotonic() < deadline and not dead_ids:
-            while (message := channel.basic_get(dead, no_ack=True)) is not None:
-                dead_ids.append(message.headers["id"])
-            time.sleep(0.2)
+    dead_ids = dead_lettered(f)
     assert dead_ids == [poison]  # the poison task, and no good task, was dead-lettered
     report = f.ledger.report(timeout=10, poison_deliveries=deliveries, delivery_limit=limit)
     assert report.lost == 0 and report.failed == {"TaskCrashed": 1}
@@ -133,16 +124,7 @@ def test_poison_request_inside_a_batch_takes_no_batch_mate_down(fleet: FleetFact
     served_in = {outcomes[g]["result"]["forward_batch"] for g in good if g in outcomes}
     assert max(served_in) > 1  # the good requests were batched
     assert all(outcomes[g]["result"]["forward_batch"] == 1 for g in batch_mates)  # rerun alone
-    dead = dead_letter_queue(f.queue)
-    assert dead is not None
-    dead_ids = []
-    deadline = time.monotonic() + 30
-    with f.app.connection_for_write() as conn:
-        channel = conn.default_channel
-        while time.monotonic() < deadline and not dead_ids:
-            while (message := channel.basic_get(dead, no_ack=True)) is not None:
-                dead_ids.append(message.headers["id"])
-            time.sleep(0.2)
+    dead_ids = dead_lettered(f)
     assert dead_ids == [poison]  # 0 good requests dead-lettered
     report = f.ledger.report(
         timeout=10, poison_deliveries=executions[poison], batch_mates_redelivered=len(batch_mates)
@@ -150,3 +132,18 @@ def test_poison_request_inside_a_batch_takes_no_batch_mate_down(fleet: FleetFact
     report.save()
     assert report.lost == 0 and report.failed == {"TaskCrashed": 1}, report.line()
     assert all(w.alive() for w in f.workers)
+
+
+def dead_lettered(f: Fleet, wait_s: float = 30.0) -> list[str]:
+    """Task ids in the fleet's dead-letter queue (taken off it), waiting up to ``wait_s`` for one."""
+    dead = dead_letter_queue(f.queue)
+    assert dead is not None
+    dead_ids: list[str] = []
+    deadline = time.monotonic() + wait_s
+    with f.app.connection_for_write() as conn:
+        channel = conn.default_channel
+        while time.monotonic() < deadline and not dead_ids:
+            while (message := channel.basic_get(dead, no_ack=True)) is not None:
+                dead_ids.append(message.headers["id"])
+            time.sleep(0.2)
+    return dead_ids
