@@ -13,10 +13,10 @@ DEVICE ?= cpu
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev,peers]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev,peers,models]'
 	touch $@
 
-$(WEIGHTS): $(STAMP) models/registry.py models/loader.py $(wildcard models/zoo/*.py)
+$(WEIGHTS): $(STAMP) models/loader.py $(wildcard models/zoo/*.py models/zoo/repository/*/model.toml)
 	$(PY) -m models build --force --dir $(dir $@)
 	touch $@
 

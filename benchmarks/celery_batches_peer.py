@@ -42,15 +42,16 @@ def _forward(batch: Any) -> Any:
     import torch
 
     from models.loader import load_model
-    from models.registry import get_spec
     from models.runner import forward
+    from models.zoo import source
 
     if _model is None:
         torch.set_num_threads(1)
         weights = os.environ.get("INFER_WEIGHTS_DIR", "var/weights")
         from pathlib import Path
 
-        _model = load_model(get_spec("cnn"), Path(weights), torch.device("cpu"), torch.float32)
+        cnn = next(e for e in source(Path(weights)) if e.name == "cnn").default
+        _model = load_model(cnn, torch.device("cpu"), torch.float32)
     return forward(_model, batch, torch.device("cpu"), "fp32")[0]
 
 

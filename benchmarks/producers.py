@@ -65,9 +65,10 @@ def request_input(model: str) -> Any:
     """The one seeded sample every inference lane sends (the model's own sample shape)."""
     import numpy as np
 
-    from models.registry import get_spec
+    from tasks.app import app
+    from tasks.wire.catalog import local_catalog
 
-    shape = get_spec(model).sample_shape
+    shape = local_catalog(app.infer_settings).resolve(model).sample_shape
     return np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
 
 

@@ -14,7 +14,8 @@ echoed through :func:`echo`, which cuts it short.
     │   ├── BadArguments           tasks.infer called with the wrong arguments
     │   ├── BadRequirements        a ``requires`` header that is not a valid requirement
     │   ├── MalformedMessage       a message no worker can run (undecodable, refused type, unknown task)
-    │   ├── UnknownModel
+    │   ├── UnknownModel           no source (local or advertised) knows the model
+    │   │   └── UnknownVersion     the model exists, that version does not
     │   ├── MalformedPayload       not a tensor envelope / cannot be decoded (a blob's bad length or hash too)
     │   ├── InputExpired           a claim-checked input's blob is gone from Redis (expired or already used)
     │   ├── PayloadTooLarge        over the configured byte limit
@@ -24,7 +25,13 @@ echoed through :func:`echo`, which cuts it short.
     │       ├── DtypeMismatch
     │       ├── NonNumericInput
     │       ├── NonFiniteInput     NaN or +/-inf
-    │       └── ValueOutOfRange    e.g. a token id >= vocabulary size
+    │       ├── ValueOutOfRange    e.g. a token id >= vocabulary size
+    │       └── InvalidText        a text model's input that is not usable text
+    │           ├── NonTextInput   not a string or a list of strings
+    │           ├── EmptyText      an empty (or whitespace-only) string
+    │           ├── InvalidUtf8    bytes that are not UTF-8, or a lone surrogate
+    │           ├── TooManyTexts   more strings than the model's max_strings
+    │           └── TextTooLong    more tokens than the model's max_tokens (no truncation)
     ├── ModelLoadError             weights missing, unreadable or not safetensors
     │   └── UnsafeWeightsFile      a pickle-based file (.pt/.pth/.bin/.pkl) was offered
     ├── ModelTooLarge              a model does not fit the cache budget at all
@@ -46,9 +53,12 @@ __all__ = [
     "ChunkFailed",
     "ConfigurationError",
     "DtypeMismatch",
+    "EmptyText",
     "InferenceError",
     "InputExpired",
     "InvalidInput",
+    "InvalidText",
+    "InvalidUtf8",
     "MalformedMessage",
     "MalformedPayload",
     "ModelLoadError",
@@ -56,12 +66,16 @@ __all__ = [
     "NoCapableWorker",
     "NonFiniteInput",
     "NonNumericInput",
+    "NonTextInput",
     "PayloadTooLarge",
     "PublishFailed",
     "RequestError",
     "ShapeMismatch",
     "TaskCrashed",
+    "TextTooLong",
+    "TooManyTexts",
     "UnknownModel",
+    "UnknownVersion",
     "UnsafeWeightsFile",
     "UnsupportedDtype",
     "ValueOutOfRange",
@@ -127,7 +141,11 @@ class MalformedMessage(RequestError):
 
 
 class UnknownModel(RequestError):
-    """The model name is not in the registry."""
+    """No model source knows the name: not the worker's nor client's repository, nor an advertisement."""
+
+
+class UnknownVersion(UnknownModel):
+    """The model is known, but not the requested version (``name@version``)."""
 
 
 class MalformedPayload(RequestError):
@@ -172,6 +190,30 @@ class NonFiniteInput(InvalidInput):
 
 class ValueOutOfRange(InvalidInput):
     """An integer input lies outside the model's accepted range."""
+
+
+class InvalidText(InvalidInput):
+    """A text model's input is not usable text."""
+
+
+class NonTextInput(InvalidText):
+    """A text model got something other than a string or a list of strings."""
+
+
+class EmptyText(InvalidText):
+    """An empty or whitespace-only string (it has no tokens to embed)."""
+
+
+class InvalidUtf8(InvalidText):
+    """Bytes that do not decode as UTF-8, or a string holding a lone surrogate."""
+
+
+class TooManyTexts(InvalidText):
+    """More strings in one request than the model's ``max_strings``."""
+
+
+class TextTooLong(InvalidText):
+    """A string longer than the model's ``max_tokens`` (and its ``model.toml`` does not truncate)."""
 
 
 class ModelLoadError(InferenceError):

@@ -7,7 +7,6 @@ parent process that forks workers never initialises it.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -15,11 +14,12 @@ from torch import nn
 
 from models.errors import ConfigurationError, UnsupportedDtype, unknown_dtype, unsupported_dtype
 from models.loader import load_model
-from models.registry import ModelSpec
+from models.spec import ModelSpec
 
 __all__ = [
     "DTYPES",
     "forward",
+    "forward_text",
     "reference_forward",
     "resolve_device",
     "resolve_dtype",
@@ -138,13 +138,31 @@ def _model_input(batch: np.ndarray, device: torch.device) -> torch.Tensor:
     return torch.from_dlpack(batch).to(device, non_blocking=True)
 
 
-def reference_forward(spec: ModelSpec, inputs: np.ndarray, weights_dir: Path) -> np.ndarray:
+def forward_text(
+    model: nn.Module, token_ids: list[list[int]], device: torch.device
+) -> tuple[np.ndarray, float]:
+    """One forward pass of a text encoder (:mod:`models.hf`) over tokenized texts; outputs and ms."""
+    started = time.perf_counter()
+    outputs = model.embed(token_ids, device)  # type: ignore[operator]
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return outputs, (time.perf_counter() - started) * 1000.0
+
+
+def reference_forward(spec: ModelSpec, inputs: object) -> np.ndarray:
     """The expected outputs of ``spec`` on ``inputs``: a fresh fp32 model on the CPU, in process.
 
-    ``inputs`` is one sample or a batch; what a worker returns for the same
-    inputs must match this (the demo and the serving tests check it).
+    ``inputs`` is one sample or a batch (a string or strings for a text model);
+    what a worker returns for the same inputs must match this (the demo and the
+    serving tests check it).
     """
     cpu = torch.device("cpu")
-    model = load_model(spec, weights_dir, cpu, torch.float32)
-    batch = np.asarray(inputs).reshape((-1, *spec.sample_shape)).astype(spec.input_dtype)
-    return forward(model, batch, cpu, "fp32")[0]
+    model = load_model(spec, cpu, torch.float32)
+    if spec.text is not None:
+        texts = [inputs] if isinstance(inputs, str) else list(inputs)  # type: ignore[call-overload]
+        return forward_text(model, model.tokenize(texts), cpu)[0]  # type: ignore[operator]
+    array = np.asarray(inputs)
+    if array.ndim == len(spec.sample_shape):
+        array = array[None]
+    dtype = array.dtype.name if array.dtype.name in spec.served_dtypes else spec.input_dtype
+    return forward(model, array.astype(dtype), cpu, "fp32")[0]

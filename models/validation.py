@@ -13,11 +13,12 @@ from models.errors import (
     DtypeMismatch,
     NonFiniteInput,
     NonNumericInput,
+    NonTextInput,
     PayloadTooLarge,
     ShapeMismatch,
     ValueOutOfRange,
 )
-from models.registry import ModelSpec
+from models.spec import FLOAT_DTYPES, ModelSpec
 
 __all__ = ["check_input", "check_size"]
 
@@ -42,6 +43,10 @@ def check_input(spec: ModelSpec, array: np.ndarray, max_bytes: int) -> np.ndarra
     :class:`~models.errors.InvalidInput` or :class:`PayloadTooLarge`.
     """
     check_size(int(array.nbytes), max_bytes)
+    if spec.text is not None:
+        raise NonTextInput(
+            f"model {spec.name!r} takes text: send a string or a list of strings, not an array"
+        )
     kind = array.dtype.kind
     if kind not in "iuf":
         raise NonNumericInput(
@@ -56,14 +61,15 @@ def check_input(spec: ModelSpec, array: np.ndarray, max_bytes: int) -> np.ndarra
             f"convert it, e.g. array.astype('{spec.input_dtype}')"
         )
     sample = spec.sample_shape
-    if tuple(array.shape) == sample:
-        batch = array.reshape((1, *sample))
-    elif array.ndim == len(sample) + 1 and tuple(array.shape[1:]) == sample and array.shape[0] > 0:
+    if _fits(array.shape, sample):
+        batch = array.reshape((1, *array.shape))
+    elif array.ndim == len(sample) + 1 and _fits(array.shape[1:], sample) and array.shape[0] > 0:
         batch = array
     else:
+        shown = ", ".join("any" if d == -1 else str(d) for d in sample)
         raise ShapeMismatch(
-            f"model {spec.name!r} takes one sample of shape {list(sample)} or a batch "
-            f"[N, {', '.join(map(str, sample))}], got shape {list(array.shape)}"
+            f"model {spec.name!r} takes one sample of shape [{shown}] or a batch "
+            f"[N, {shown}], got shape {list(array.shape)}"
         )
     if kind == "f" and not bool(np.isfinite(batch).all()):
         raise NonFiniteInput(
@@ -77,4 +83,20 @@ def check_input(spec: ModelSpec, array: np.ndarray, max_bytes: int) -> np.ndarra
                 f"model {spec.name!r} takes integers in [{low}, {high}), "
                 f"got values in [{int(batch.min())}, {int(batch.max())}]"
             )
-    return batch.astype(spec.input_dtype, copy=False)
+    return batch.astype(_served_dtype(spec, dtype_name), copy=False)
+
+
+def _fits(shape: tuple[int, ...], sample: tuple[int, ...]) -> bool:
+    """Whether ``shape`` is one sample of ``sample`` (-1: any positive size on that axis)."""
+    return len(shape) == len(sample) and all(
+        want == got or (want == -1 and got > 0) for got, want in zip(shape, sample, strict=True)
+    )
+
+
+def _served_dtype(spec: ModelSpec, dtype: str) -> str:
+    """The dtype the model gets: a native one as it is, else the native dtype of its kind."""
+    served = spec.served_dtypes
+    if dtype in served:
+        return dtype
+    same_kind = [d for d in served if (d in FLOAT_DTYPES) == (dtype in FLOAT_DTYPES)]
+    return same_kind[0] if same_kind else spec.input_dtype

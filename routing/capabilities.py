@@ -34,7 +34,9 @@ __all__ = [
     "TaskRequirements",
     "WorkerCapabilities",
     "best",
+    "loaded_ref",
     "match",
+    "serves",
     "unmet",
 ]
 
@@ -43,7 +45,7 @@ DTYPES = DTYPE_NAMES  # fp32, fp16, bf16: one list, shared with the worker's che
 MAX_MEMORY_MB = 2**40 - 1  # a megabyte figure above this (1 EiB) is a mistake, not a device
 MAX_CAPABILITY_PART = 999  # compute capability major and minor: whole numbers 0..999
 CALLER_KEYS = ("device", "min_free_memory_mb", "min_compute_capability", "dtype")
-CLIENT_KEYS = ("model", "model_memory_mb")  # derived from the call and the model registry
+CLIENT_KEYS = ("model", "version", "model_memory_mb")  # derived from the call and its spec
 
 _VALID = (
     "device ('any', 'cpu' or 'cuda'), "
@@ -74,6 +76,7 @@ class TaskRequirements:
     min_compute_capability: tuple[int, int] | None = None
     dtype: str | None = None
     model: str | None = None
+    version: int | None = None  # pinned by the call (``name@version``); None: the default
 
     def __post_init__(self) -> None:
         if self.device not in DEVICE_KINDS:
@@ -121,9 +124,10 @@ class TaskRequirements:
 
     @property
     def key(self) -> tuple[object, ...]:
-        """Sticky key: the model and every requirement (hashable; the cache is per process)."""
+        """Sticky key: the model, its version and every requirement (hashable; the cache is per process)."""
         return (
             self.model,
+            self.version,
             self.device,
             self.dtype,
             self.min_free_memory_mb,
@@ -143,8 +147,9 @@ def _parse_requires(requires: object) -> dict[str, Any]:
     client = [k for k in CLIENT_KEYS if k in requires]
     if client:
         raise BadRequirements(
-            f"requires[{client[0]!r}] cannot be set by a caller: the client sets model and "
-            "model_memory_mb from the call's model argument and the model registry. Drop it, "
+            f"requires[{client[0]!r}] cannot be set by a caller: the client sets model, version "
+            "and model_memory_mb from the call's model argument (pin a version with "
+            "'name@version') and the model's spec. Drop it, "
             f"and ask for headroom with min_free_memory_mb; valid keys: {_VALID}"
         )
     unknown = sorted((k for k in requires if k not in CALLER_KEYS), key=repr)
@@ -235,7 +240,10 @@ class WorkerCapabilities:
     free_memory_mb: int
     compute_capability: tuple[int, int] | None
     dtypes: tuple[str, ...]
-    models_loaded: tuple[str, ...] = ()
+    models_loaded: tuple[str, ...] = ()  # name@version of each model in its cache
+    # What it can serve: name -> {"default": version, "versions": {"1": spec as JSON, ...}}.
+    # Empty in a record from a release before model repositories: taken to serve every model.
+    models: Mapping[str, Any] = field(default_factory=dict)
     in_flight: int = 0
     max_in_flight: int = 4
     heartbeat: float = 0.0  # wall-clock seconds of the last beat
@@ -253,14 +261,51 @@ class WorkerCapabilities:
             data["compute_capability"] = tuple(data["compute_capability"])
         data["dtypes"] = tuple(data.get("dtypes", ()))
         data["models_loaded"] = tuple(data.get("models_loaded", ()))
+        data["models"] = dict(data.get("models") or {})
         return cls(**data)
+
+
+def serves(req: TaskRequirements, worker: WorkerCapabilities) -> str | None:
+    """Why ``worker`` does not serve ``req``'s model and version, or None when it does."""
+    if req.model is None or not worker.models:
+        return None
+    served = worker.models.get(req.model)
+    if not isinstance(served, Mapping):
+        shown = ", ".join(sorted(worker.models)[:8])
+        return f"model {req.model} (it serves {shown})"
+    versions = served.get("versions") or {}
+    if req.version is not None and str(req.version) not in versions:
+        return f"{req.model}@{req.version} (it has versions {', '.join(sorted(versions))})"
+    return None
+
+
+def loaded_ref(req: TaskRequirements, worker: WorkerCapabilities) -> str | None:
+    """``name@version`` that ``req`` would run on ``worker`` (the pinned or its default version)."""
+    if req.model is None:
+        return None
+    version = req.version
+    if version is None:
+        served = worker.models.get(req.model) if worker.models else None
+        version = served.get("default") if isinstance(served, Mapping) else 1
+    return f"{req.model}@{version}"
+
+
+def _holds(req: TaskRequirements, worker: WorkerCapabilities) -> bool:
+    if req.model is None:
+        return False
+    if not worker.models:  # an older release's record: plain model names
+        return req.model in worker.models_loaded
+    return loaded_ref(req, worker) in worker.models_loaded
 
 
 def unmet(req: TaskRequirements, worker: WorkerCapabilities) -> str | None:
     """Why ``worker`` cannot serve ``req``, or None when it can."""
     if req.device != "any" and worker.device_kind != req.device:
         return f"device {req.device} (it is {worker.device_kind})"
-    loaded = req.model is not None and req.model in worker.models_loaded
+    missing = serves(req, worker)
+    if missing is not None:
+        return missing
+    loaded = _holds(req, worker)
     if not loaded and worker.free_memory_mb < req.model_memory_mb:
         return (
             f"{req.model_memory_mb} MB free to load {req.model} (it has {worker.free_memory_mb} MB)"
@@ -278,16 +323,16 @@ def unmet(req: TaskRequirements, worker: WorkerCapabilities) -> str | None:
 
 
 def _rank(
-    model: str | None, w: WorkerCapabilities, affinity: Mapping[str, int] | None = None
+    req: TaskRequirements, w: WorkerCapabilities, affinity: Mapping[str, int] | None = None
 ) -> tuple[bool, int, int, str]:
     load = w.in_flight + (affinity.get(w.name, 0) if affinity else 0)
-    return (model not in w.models_loaded, load, -w.free_memory_mb, w.name)
+    return (not _holds(req, w), load, -w.free_memory_mb, w.name)
 
 
 def match(req: TaskRequirements, workers: Iterable[WorkerCapabilities]) -> list[WorkerCapabilities]:
     """Capable workers, best first: model already loaded, then least loaded, then most free memory."""
     capable = [w for w in workers if unmet(req, w) is None]
-    capable.sort(key=lambda w: _rank(req.model, w))
+    capable.sort(key=lambda w: _rank(req, w))
     return capable
 
 
@@ -310,7 +355,7 @@ def best(
     for w in workers:
         if w.name == exclude or unmet(req, w) is not None:
             continue
-        rank = _rank(req.model, w, affinity)
+        rank = _rank(req, w, affinity)
         if any_rank is None or rank < any_rank:
             top_any, any_rank = w, rank
         if w.in_flight < w.max_in_flight and (free_rank is None or rank < free_rank):

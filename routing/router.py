@@ -101,6 +101,8 @@ class CapabilityRouter:
         self._clock = clock
         # The LiveRegistry feeding ``workers``, when there is one: refreshed once before a refusal.
         self.registry: Any = None
+        # How the client looks a model's spec up (tasks.client.specs.SpecLookup), when built by it.
+        self.specs: Any = None
 
     def __call__(
         self,

@@ -273,9 +273,10 @@ def prefetch_multiplier(settings: Settings) -> int:
     """
     if not settings.batching:
         return settings.prefetch_multiplier
-    from models.registry import SPECS
+    from tasks.wire.catalog import local_catalog
 
-    largest = max([settings.max_batch_size, *(s.max_batch_size or 0 for s in SPECS.values())])
+    specs = [s for e in local_catalog(settings).entries() for s in e.versions.values()]
+    largest = max([settings.max_batch_size, *(s.max_batch_size or 0 for s in specs)])
     return max(settings.prefetch_multiplier, settings.batch_reserve * largest)
 
 

@@ -35,7 +35,7 @@ from celery.result import AsyncResult, GroupResult
 from celery.utils import uuid
 
 from models.errors import ChunkFailed, RequestError
-from models.registry import get_spec
+from models.text import check_text
 from models.validation import check_input
 from tasks.app import app
 from tasks.client.publish import publish_many
@@ -110,11 +110,25 @@ def infer_many(
     """Run ``model`` over many inputs in chunks of ``batch_size``; see the module docstring."""
     if batch_size < 1:
         raise RequestError(f"batch_size must be >= 1, got {batch_size}")
-    spec = get_spec(model)
+    spec = app.route.spec(model)  # local sources, else what live workers advertise
+    limit = app.infer_settings.max_payload_bytes
+    if spec.text is not None:  # a list of strings, chunked: each chunk is checked like a request
+        texts = [inputs] if isinstance(inputs, str) else list(inputs)
+        text_ranges = [
+            (lo, min(lo + batch_size, len(texts))) for lo in range(0, len(texts), batch_size)
+        ]
+        if not text_ranges:
+            raise RequestError("infer_many needs at least one input")
+        for lo, hi in text_ranges:
+            try:
+                check_text(spec, texts[lo:hi], limit)
+            except RequestError as e:
+                raise type(e)(f"inputs [{lo}:{hi}]: {e}") from e
+        header = [infer.s(model, texts[lo:hi], dtype).set(**options) for lo, hi in text_ranges]
+        return publish_chord(header, text_ranges)
     array = as_array(inputs, NO_LIMIT)
     if array.ndim == len(spec.sample_shape):
         array = array[None]
-    limit = app.infer_settings.max_payload_bytes
     ranges = [(lo, min(lo + batch_size, len(array))) for lo in range(0, len(array), batch_size)]
     if not ranges:
         raise RequestError("infer_many needs at least one input")

@@ -1,8 +1,11 @@
 """The inference task: decode -> check -> models -> encode.  Thin on purpose.
 
-``infer(model, inputs, dtype=None)`` takes one sample or a batch and returns::
+``infer(model, inputs, dtype=None)`` takes one sample or a batch (a string or
+a list of strings for a text model); ``model`` is a name (its default version)
+or ``name@version``.  It returns::
 
-    {"model": "cnn", "outputs": {dtype, shape, data}, "batch_size": 4, "forward_batch": 4,
+    {"model": "cnn", "version": 1, "outputs": {dtype, shape, data}, "batch_size": 4,
+     "forward_batch": 4,
      "worker": "cpu0@host", "device": "cpu", "dtype": "fp32",
      "timing": {"queue_wait_ms": .., "batch_wait_ms": .., "compute_ms": .., "service_ms": ..,
                 "total_ms": ..}}
@@ -33,13 +36,13 @@ from typing import Any
 from celery.utils import uuid
 
 from models.errors import BadArguments, RequestError
-from models.registry import get_spec
+from models.text import check_text
 from models.validation import check_input
 from tasks.app import SENT_AT_HEADER, app, display_call
 from tasks.client.publish import DEFAULT_WINDOW, MapResult, publish_many
 from tasks.wire import blobs
 from tasks.wire.codec import encode, to_array
-from tasks.wire.request import as_array, check_dtype, checked_inputs, infer_call
+from tasks.wire.request import as_array, check_dtype, infer_call
 from tasks.worker.dedup import IdempotentTask
 
 __all__ = ["InferenceTask", "infer"]
@@ -180,11 +183,14 @@ def prepare_request(
     """
     model, inputs, dtype = infer_call(args, kwargs)
     args, kwargs = list(args or ()), dict(kwargs or {})
-    spec = get_spec(model)
+    spec = app.route.spec(model)  # local sources, else what live workers advertise
     check_dtype(dtype)
     if blobs.is_reference(inputs):
         return args, kwargs
     limit = app.infer_settings.max_payload_bytes
+    if spec.text is not None:  # strings travel as they are; the worker tokenizes
+        check_text(spec, inputs, limit)
+        return args, kwargs
     native = to_array(inputs)  # a numpy array or a torch tensor, else None
     array = as_array(inputs if native is None else native, limit)
     check_input(spec, array, limit)
@@ -207,21 +213,19 @@ def infer(self: InferenceTask, model: str, inputs: Any, dtype: str | None = None
     through :func:`tasks.worker.batch_job.run_batch` instead, with the same
     checks and the same reply.
     """
-    from models.runner import forward, resolve_dtype
-    from tasks.worker import metrics
+    from models.runner import resolve_dtype
     from tasks.worker.batch_job import reply
     from tasks.worker.runtime import get_runtime
 
     started = time.time()
     settings = app.infer_settings
-    spec = get_spec(model)
+    runtime = get_runtime()
+    spec = runtime.catalog.resolve(model)  # this worker's own sources
     check_dtype(dtype)
     inputs = blobs.resolve(app, inputs, settings.max_payload_bytes)  # a reference: its blob's array
-    batch = checked_inputs(spec, inputs, settings.max_payload_bytes)
-    runtime = get_runtime()
     precision = resolve_dtype(dtype, spec, runtime.device)
-    outputs, compute_ms = forward(runtime.model(spec, precision), batch, runtime.device, precision)
-    metrics.observe_forward(spec.name, precision, len(batch), compute_ms)
+    batch = runtime.checked_batch(spec, precision, inputs)
+    outputs, compute_ms = runtime.forward_batch(runtime.group_key(spec, precision, batch), batch)
     return reply(
         spec,
         outputs,

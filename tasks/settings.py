@@ -36,7 +36,6 @@ from typing import Any, get_args, get_origin, get_type_hints
 from kombu.utils.url import maybe_sanitize_url
 
 from models.errors import ConfigurationError
-from models.registry import get_spec
 from routing.queues import QUEUE_TYPES
 
 __all__ = ["DTYPES", "SERIALIZERS", "Settings", "Spec", "declared"]
@@ -145,8 +144,16 @@ class Settings:
         "Redis for claim-checked inputs: redis://host:6379/1",
         shown="the result backend",
     )
+    model_repository: tuple[str, ...] = setting(
+        "INFER_MODEL_REPOSITORY",
+        (),
+        "model repository folders, comma-separated (searched before installed packages)",
+        shown="none",
+    )
     device: str = setting("INFER_DEVICE", "auto", "cpu, cuda:N or auto (cuda:0 if there is one)")
-    preload: tuple[str, ...] = setting("INFER_PRELOAD", (), "models loaded at worker start")
+    preload: tuple[str, ...] = setting(
+        "INFER_PRELOAD", (), "models loaded at worker start (name or name@version)"
+    )
     cache_budget_mb: int = setting(
         "INFER_CACHE_BUDGET_MB", 1024, "per-worker model cache budget (LRU), MiB"
     )
@@ -298,8 +305,6 @@ class Settings:
             )
         self._check_tls()
         self._check_signing()
-        for name in self.preload:
-            get_spec(name)  # UnknownModel names the valid choices
         for dtype in self.dtypes:
             if dtype not in DTYPES:
                 raise ConfigurationError(f"INFER_DTYPES has {dtype!r}: use fp32, fp16 and/or bf16")

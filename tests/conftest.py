@@ -33,7 +33,8 @@ def pytest_configure(config: pytest.Config) -> None:
 def weights_dir() -> Path:
     """The built weights (``make`` builds them; build here if a test run skipped make)."""
     from models.loader import build_weights
+    from models.zoo import source
 
     path = Path(os.environ["INFER_WEIGHTS_DIR"])
-    build_weights(path)
+    build_weights(spec for entry in source(path) for spec in entry.versions.values())
     return path

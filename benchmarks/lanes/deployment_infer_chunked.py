@@ -44,9 +44,9 @@ class ChunkedInferLane(Lane):
     def _run(self, n: int) -> float:
         import numpy as np
 
-        from models.registry import get_spec
+        from tasks.wire.catalog import local_catalog
 
-        shape = get_spec(self.ctx.model).sample_shape
+        shape = local_catalog(self.ctx.settings).resolve(self.ctx.model).sample_shape
         x = np.random.default_rng(n).standard_normal((n, *shape), dtype=np.float32)
         started = time.perf_counter()
         infer_many(

@@ -37,16 +37,16 @@ class InProcessLane(Lane):
         import torch
 
         from models.loader import load_model
-        from models.registry import get_spec
         from models.runner import DTYPES, resolve_device, resolve_dtype
+        from tasks.wire.catalog import local_catalog
 
         settings = self.ctx.settings
         assert settings.weights_dir is not None
         torch.set_num_threads(settings.torch_threads)
-        self.spec = get_spec(self.ctx.model)
+        self.spec = local_catalog(settings).resolve(self.ctx.model)
         self.device = resolve_device(self.ctx.device)
         self.dtype = resolve_dtype(None, self.spec, self.device)
-        self.model = load_model(self.spec, settings.weights_dir, self.device, DTYPES[self.dtype])
+        self.model = load_model(self.spec, self.device, DTYPES[self.dtype])
         self._rate(1, 5)
 
     def _rate(self, batch: int, iterations: int) -> float:

@@ -4,11 +4,12 @@ Every :class:`tasks.app.InferenceApp` puts one :class:`AppRoute` in its
 ``task_routes`` (when ``INFER_ROUTING`` is on).  Its router is built lazily in
 each client process, on the first routed call, from that app's own settings:
 a registry snapshot refreshed in the background, a sticky cache, and
-requirements derived from the model registry.
+requirements derived from the model's spec (local or advertised, :mod:`tasks.client.specs`).
 
 How to state requirements, from lowest to highest precedence:
 
-1. the model registry: a worker must have the model's ``memory_mb`` free unless it holds it;
+1. the model's spec: a worker must serve the model (and the pinned version,
+   ``name@version``), and have its ``memory_mb`` free unless it holds it;
 2. the call itself: ``infer(model, inputs, dtype="bf16")`` requires bf16;
 3. a per-call header: ``infer.apply_async(args, headers={"requires": {"device":
    "cuda", "min_free_memory_mb": 8000, "min_compute_capability": "8.0"}})``.
@@ -24,11 +25,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from models.registry import get_spec
+from models.spec import ModelSpec, parse_ref
 from routing.capabilities import TaskRequirements
 from routing.registry import LiveRegistry
 from routing.router import CapabilityRouter
 from routing.sticky import StickyCache
+from tasks.client.specs import SpecLookup
 from tasks.settings import Settings
 from tasks.wire.backend import registry_store
 from tasks.wire.codec import NO_LIMIT, refuse_oversized
@@ -46,32 +48,54 @@ __all__ = [
 ROUTED_TASKS = frozenset({"tasks.infer", "tasks.diag.noop", "tasks.gather"})
 
 
+SpecOf = Callable[[object], ModelSpec]
+
+
+def _local_specs() -> SpecOf:
+    return SpecLookup(Settings.from_env())
+
+
 def requirements_for(
-    name: str, args: Any, kwargs: Any, max_payload_bytes: int = NO_LIMIT
+    name: str,
+    args: Any,
+    kwargs: Any,
+    max_payload_bytes: int = NO_LIMIT,
+    specs: SpecOf | None = None,
 ) -> TaskRequirements | None:
-    """Requirements of a call from the model registry and its own arguments; None if not routed.
+    """Requirements of a call from the model's spec and its own arguments; None if not routed.
 
     Runs at submit for ``send_task`` too, so a call that can never run is refused
     here with the class the worker would raise: wrong arguments
-    (:class:`~models.errors.BadArguments`), an unknown model or precision, or
-    inputs whose size estimate is over ``max_payload_bytes`` (nothing converted).
+    (:class:`~models.errors.BadArguments`), an unknown model, version or
+    precision, or inputs whose size estimate is over ``max_payload_bytes``
+    (nothing converted).  ``specs`` looks a model up (default: this
+    environment's local sources only).
     """
     if name not in ROUTED_TASKS:
         return None
     if name != "tasks.infer":
         return TaskRequirements()  # any live worker
     call = infer_call(args, kwargs)
-    requirements = call_requirements(call.model, call.dtype)
+    requirements = call_requirements(call.model, call.dtype, specs)
     refuse_oversized(call.inputs, max_payload_bytes)
     return requirements
 
 
-def call_requirements(model: object, dtype: object = None) -> TaskRequirements:
-    """What serving ``model`` in precision ``dtype`` needs (``celery -A tasks route`` asks too)."""
-    spec = get_spec(model)  # UnknownModel: refused before publishing, send_task included
+def call_requirements(
+    model: object, dtype: object = None, specs: SpecOf | None = None
+) -> TaskRequirements:
+    """What serving ``model`` (``name`` or ``name@version``) in precision ``dtype`` needs.
+
+    ``celery -A tasks route`` asks too.  The version is pinned only when the
+    call pins it: an unpinned request goes to any worker serving the model,
+    which answers with its default version.
+    """
+    spec = (specs or _local_specs())(model)  # UnknownModel: refused before publishing
     check_dtype(dtype)
+    _, version = parse_ref(model)
     return TaskRequirements(
         model=spec.name,
+        version=version,
         model_memory_mb=spec.memory_mb,
         dtype=None if dtype in (None, "auto") else str(dtype),
     )
@@ -85,11 +109,16 @@ def build_router(settings: Settings) -> CapabilityRouter:
         ttl_s=2 * settings.heartbeat_s,
         refresh_s=min(0.5, settings.heartbeat_s / 2),
         on_lost=sticky.drop_worker,
-        on_evicted=lambda worker, model: sticky.invalidate(worker=worker, model=model),
+        # A worker dropped name@version: forget its sticky keys for that model.
+        on_evicted=lambda worker, ref: sticky.invalidate(worker=worker, model=ref.split("@")[0]),
     )
-    requirements = functools.partial(requirements_for, max_payload_bytes=settings.max_payload_bytes)
+    specs = SpecLookup(settings, registry)
+    requirements = functools.partial(
+        requirements_for, max_payload_bytes=settings.max_payload_bytes, specs=specs
+    )
     router = CapabilityRouter(registry.workers, requirements, sticky)
     router.registry = registry
+    router.specs = specs
     return router
 
 
@@ -117,6 +146,17 @@ class AppRoute:
     def router(self, router: CapabilityRouter) -> None:
         with self._lock:
             self._router = router
+
+    def spec(self, model: object) -> ModelSpec:
+        """The spec a call is checked against: local sources, else what live workers advertise.
+
+        Without routing (``INFER_ROUTING=false``) there is no registry to read:
+        local sources only.
+        """
+        settings = self._settings()
+        if not settings.routing:
+            return SpecLookup(settings)(model)
+        return self.router.specs(model)
 
     @property
     def built(self) -> CapabilityRouter | None:

@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from models.errors import BadArguments, echo, unknown_dtype
-from models.registry import ModelSpec
+from models.spec import ModelSpec
 from models.validation import check_input
 from tasks.wire.codec import decode, to_array
 

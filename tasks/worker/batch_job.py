@@ -53,12 +53,12 @@ from celery.exceptions import Ignore, Reject
 from celery.utils.serialization import get_pickleable_exception
 
 from models.errors import RequestError
-from models.registry import ModelSpec, get_spec
+from models.spec import ModelSpec
 from models.validation import check_size
 from tasks.app import SENT_AT_HEADER, app
 from tasks.wire import blobs
 from tasks.wire.codec import display, encode
-from tasks.wire.request import check_dtype, checked_inputs, infer_call
+from tasks.wire.request import check_dtype, infer_call
 from tasks.worker import result_pipeline
 
 __all__ = ["BatchItem", "Outcome", "reply", "run_batch"]
@@ -78,7 +78,7 @@ class _Request:
     arrived: float
     spec: ModelSpec | None = None
     precision: str = ""
-    inputs: np.ndarray | None = None
+    inputs: Any = None  # the checked batch: an array, or a text model's token ids
     outputs: np.ndarray | None = None
     forward_batch: int = 0
     compute_ms: float = 0.0
@@ -118,6 +118,7 @@ def reply(
     arrived = started - batch_wait_ms / 1000.0
     return {
         "model": spec.name,
+        "version": spec.version,  # which version served it (name@version pins one)
         "outputs": encode(outputs, binary=app.infer_settings.binary_tensors),
         "batch_size": batch_size,
         "forward_batch": forward_batch,  # samples in the forward pass that served this request
@@ -168,7 +169,7 @@ def run_batch(task_name: str, items: list[BatchItem], events: bool = True) -> li
         _signal(task, r, signals.task_prerun, task_id=r.context.id, task=task)
 
     runtime = get_runtime()
-    _check_each(live, runtime.device)
+    _check_each(live, runtime)
     _forward_groups([r for r in live if r.error is None], runtime)
     finished = time.time()
     for r in live:
@@ -221,7 +222,7 @@ def _duplicates(task: Any, backend: Any, ids: list[str], pipelined: bool) -> set
     return {i for i in ids if task.already_succeeded(i)}
 
 
-def _check_each(requests: list[_Request], device: Any) -> None:
+def _check_each(requests: list[_Request], runtime: Any) -> None:
     """Decode and check each request alone; a bad one gets its error, the rest go on.
 
     Claim-checked inputs are fetched first, all in one pipeline
@@ -257,10 +258,10 @@ def _check_each(requests: list[_Request], device: Any) -> None:
             continue
         try:
             model, _, dtype = calls[r.index]
-            spec = get_spec(model)
+            spec = runtime.catalog.resolve(model)
             check_dtype(dtype)
-            r.inputs = checked_inputs(spec, inputs[r.index], max_bytes)
-            r.precision = resolve_dtype(dtype, spec, device)
+            r.precision = resolve_dtype(dtype, spec, runtime.device)
+            r.inputs = runtime.checked_batch(spec, r.precision, inputs[r.index])
             r.spec = spec
         except Exception as e:
             _fail(r, e)
@@ -282,7 +283,7 @@ def _forward_groups(requests: list[_Request], runtime: Any) -> None:
     groups: dict[Hashable, list[_Request]] = {}
     for r in requests:
         assert r.spec is not None and r.inputs is not None
-        key: Hashable = (r.spec.name, r.precision, r.inputs.shape[1:], r.inputs.dtype.str)
+        key = runtime.group_key(r.spec, r.precision, r.inputs)
         groups.setdefault(key, []).append(r)
     for group_key, group in groups.items():
         cap = runtime.memory_cap(group_key)
@@ -308,10 +309,15 @@ def _split(group: list[_Request], cap: int | None) -> list[list[_Request]]:
 def _forward(
     key: Hashable,
     part: list[_Request],
-    forward_batch: Callable[[Hashable, np.ndarray], tuple[np.ndarray, float]],
+    forward_batch: Callable[[Hashable, Any], tuple[np.ndarray, float]],
 ) -> None:
     sizes = [len(r.inputs) for r in part if r.inputs is not None]
-    stacked = np.concatenate([r.inputs for r in part if r.inputs is not None])
+    batches = [r.inputs for r in part if r.inputs is not None]
+    stacked: Any = (
+        np.concatenate(batches)
+        if isinstance(batches[0], np.ndarray)
+        else [row for batch in batches for row in batch]  # a text model's token ids
+    )
     try:
         outputs, compute_ms = forward_batch(key, stacked)
     except Exception as batch_error:

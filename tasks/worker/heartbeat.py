@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 from routing.capabilities import WorkerCapabilities
 from routing.registry import RegistryStore
+from tasks.wire.catalog import advertised, local_catalog
 from tasks.worker.device import RuntimeView, device_memory
 from tasks.worker.running import running_tasks
 
@@ -87,6 +88,7 @@ class Heartbeat:
             compute_capability=capability,
             dtypes=self.settings.dtypes or supported_dtypes(device),
             models_loaded=tuple(dict.fromkeys(m for m, _ in self.runtime.cache.keys())),  # noqa: SIM118
+            models=advertised(local_catalog(self.settings)),
             in_flight=running_tasks() + depth,
             max_in_flight=self.settings.max_in_flight,
             heartbeat=time.time(),

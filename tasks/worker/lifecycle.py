@@ -59,9 +59,11 @@ from celery.signals import (
     worker_shutdown,
 )
 
+from models.errors import InferenceError
 from routing.queues import fallback_of, own_queue
 from tasks.app import app
 from tasks.wire.backend import registry_store
+from tasks.wire.catalog import check_preload
 from tasks.wire.codec import refuse_text_content
 from tasks.worker import metrics
 from tasks.worker.heartbeat import Heartbeat
@@ -129,6 +131,11 @@ def _announce(sender: str, instance: Any, **_: Any) -> None:
 @worker_init.connect
 def _preload_in_main(sender: Any = None, **_: Any) -> None:
     global _node, _own_queue
+    try:
+        check_preload(app.infer_settings)  # and logs every model a source could not read
+    except InferenceError as e:
+        log.critical("worker not started: INFER_PRELOAD: %s", e)
+        raise SystemExit(f"INFER_PRELOAD: {e}") from e
     _node = getattr(sender, "hostname", None)
     consumed = list(getattr(sender.app.amqp.queues, "consume_from", {}) or {}) if sender else []
     _own_queue = own_queue(consumed)

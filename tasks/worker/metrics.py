@@ -18,7 +18,7 @@ Per forward pass: ``infer_compute_seconds{model,dtype}`` and
 ``infer_batch_size{model}`` (samples in the pass).  Per model load and evict:
 ``infer_model_loads_total{model,dtype}``, ``infer_model_load_seconds{model}``
 and ``infer_model_evictions_total{model,dtype}``.  Read at scrape time:
-``infer_models_loaded``, ``infer_model_loaded{model,dtype}``,
+``infer_models_loaded``, ``infer_model_loaded{model,version,dtype}``,
 ``infer_model_cache_bytes{kind=used|budget}``,
 ``infer_device_memory_bytes{device,kind=used|free|total}`` and
 ``infer_tasks_running``.  Router (any process that has routed a request):
@@ -41,7 +41,8 @@ from prometheus_client import REGISTRY, Counter, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from models.registry import SPECS
+from tasks.app import app
+from tasks.wire.catalog import local_catalog
 from tasks.wire.request import infer_call
 from tasks.worker.device import RuntimeView, device_memory
 from tasks.worker.running import running_tasks
@@ -100,8 +101,14 @@ EVICTIONS = Counter("infer_model_evictions", "Models evicted from the cache", ["
 
 
 def _model_label(model: object) -> str:
-    """The model name if it is a known model, else ``unknown`` (bounded label values)."""
-    return model if isinstance(model, str) and model in SPECS else "unknown"
+    """The model's name (a version pin dropped) if this worker serves it, else ``unknown``.
+
+    Bounded label values: a caller cannot mint a label by naming models that do not exist.
+    """
+    if not isinstance(model, str):
+        return "unknown"
+    name = model.partition("@")[0]
+    return name if name in local_catalog(app.infer_settings) else "unknown"
 
 
 def observe_forward(model: str, dtype: str, batch_size: int, compute_ms: float) -> None:
@@ -161,10 +168,13 @@ class RuntimeCollector(Collector):
         keys = cache.keys()
         yield GaugeMetricFamily("infer_models_loaded", "Models in this worker's cache", len(keys))
         loaded = GaugeMetricFamily(
-            "infer_model_loaded", "1 for each model and precision held", labels=["model", "dtype"]
+            "infer_model_loaded",
+            "1 for each model version and precision held",
+            labels=["model", "version", "dtype"],
         )
-        for model, dtype in keys:
-            loaded.add_metric([model, dtype], 1)
+        for ref, dtype in keys:
+            name, _, version = ref.partition("@")
+            loaded.add_metric([name, version, dtype], 1)
         yield loaded
         cache_bytes = GaugeMetricFamily(
             "infer_model_cache_bytes", "Model cache size and budget", labels=["kind"]

@@ -25,9 +25,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from models.registry import ModelSpec, get_spec
+from models.catalog import ModelCatalog
+from models.spec import ModelSpec
+from models.text import check_text, token_bucket
 from tasks.app import app
 from tasks.settings import Settings
+from tasks.wire.catalog import local_catalog
+from tasks.wire.request import checked_inputs
 from tasks.worker import metrics
 from tasks.worker.device import device_memory
 
@@ -35,7 +39,10 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-__all__ = ["WorkerRuntime", "get_runtime"]
+__all__ = ["Batch", "WorkerRuntime", "get_runtime"]
+
+# A checked batch: an array (N, *sample_shape), or a text model's token ids, one list per text.
+Batch = np.ndarray | list[list[int]]
 
 log = logging.getLogger(__name__)
 
@@ -57,33 +64,68 @@ class WorkerRuntime:
             settings.cache_budget_mb * 1024 * 1024,
             load=self._load,
             size_of=size_of,
-            on_evict=lambda key: metrics.observe_eviction(*key),
+            on_evict=lambda key: metrics.observe_eviction(key[0].partition("@")[0], key[1]),
         )
         # Called after a load or unload (the heartbeat's beat, once it runs).
         self.on_change: Callable[[], None] | None = None
         self._sample_bytes: dict[Hashable, int] = {}
 
-    # Batch key: (model, compute precision, sample shape, input dtype).
-    def forward_batch(self, key: Hashable, stacked: np.ndarray) -> tuple[np.ndarray, float]:
-        """One forward pass over ``stacked`` for ``key``; outputs and compute ms.
+    @property
+    def catalog(self) -> ModelCatalog:
+        """The models this worker can serve (its own sources only)."""
+        return local_catalog(self.settings)
+
+    def checked_batch(self, spec: ModelSpec, precision: str, inputs: object) -> Batch:
+        """``inputs`` checked for ``spec``: an array batch, or a text model's token ids.
+
+        Tokenizing needs the model's tokenizer, so a text model is loaded here
+        (TextTooLong past its ``max_tokens``, unless it truncates).
+        """
+        limit = self.settings.max_payload_bytes
+        if spec.text is None:
+            return checked_inputs(spec, inputs, limit)
+        texts = check_text(spec, inputs, limit)
+        return self.model(spec, precision).tokenize(texts)  # type: ignore[operator]
+
+    @staticmethod
+    def group_key(spec: ModelSpec, precision: str, batch: Batch) -> Hashable:
+        """Requests with equal keys share a forward pass: (model@version, precision, shape, dtype).
+
+        A text model's key is its padded-length bucket instead of a shape.
+        """
+        if isinstance(batch, np.ndarray):
+            return (spec.ref, precision, batch.shape[1:], batch.dtype.str)
+        assert spec.text is not None
+        longest = max(len(row) for row in batch)
+        return (spec.ref, precision, "text", token_bucket(longest, spec.text.max_tokens))
+
+    def forward_batch(self, key: Hashable, stacked: Batch) -> tuple[np.ndarray, float]:
+        """One forward pass over ``stacked`` for ``key`` (:meth:`group_key`); outputs and compute ms.
 
         On CUDA it measures the peak memory per sample, which :meth:`memory_cap` uses.
         """
         import torch
 
-        from models.runner import forward
+        from models.runner import forward, forward_text
 
-        name, precision = key[0], key[1]  # type: ignore[index]
-        model = self.model(get_spec(name), precision)
+        ref, precision = key[0], key[1]  # type: ignore[index]
+        spec = self.catalog.resolve(ref)
+        model = self.model(spec, precision)
+
+        def run() -> tuple[np.ndarray, float]:
+            if isinstance(stacked, np.ndarray):
+                return forward(model, stacked, self.device, precision)
+            return forward_text(model, stacked, self.device)
+
         if self.device.type != "cuda":
-            result = forward(model, stacked, self.device, precision)
+            result = run()
         else:
             torch.cuda.reset_peak_memory_stats(self.device)
             before = torch.cuda.memory_allocated(self.device)
-            result = forward(model, stacked, self.device, precision)
+            result = run()
             peak = torch.cuda.max_memory_allocated(self.device) - before
             self._sample_bytes[key] = max(self._sample_bytes.get(key, 0), peak // len(stacked))
-        metrics.observe_forward(name, precision, len(stacked), result[1])
+        metrics.observe_forward(spec.name, precision, len(stacked), result[1])
         return result
 
     def memory_cap(self, key: Hashable) -> int | None:
@@ -97,16 +139,16 @@ class WorkerRuntime:
         from models.loader import load_model
         from models.runner import DTYPES
 
-        name, dtype = key
-        assert self.settings.weights_dir is not None
+        ref, dtype = key
+        spec = self.catalog.resolve(ref)
         started = time.perf_counter()
-        module = load_model(get_spec(name), self.settings.weights_dir, self.device, DTYPES[dtype])
-        metrics.observe_load(name, dtype, time.perf_counter() - started)
+        module = load_model(spec, self.device, DTYPES[dtype])
+        metrics.observe_load(spec.name, dtype, time.perf_counter() - started)
         return module
 
     def model(self, spec: ModelSpec, dtype: str) -> nn.Module:
-        """The cached module for ``spec`` in precision ``dtype`` (loaded on a miss)."""
-        return self.cache.get((spec.name, dtype))
+        """The cached module for ``spec`` (its version) in precision ``dtype`` (loaded on a miss)."""
+        return self.cache.get((spec.ref, dtype))
 
     def advertise(self) -> None:
         """Publish the capabilities now (after a load or unload), not at the next beat."""
@@ -118,7 +160,7 @@ class WorkerRuntime:
         from models.runner import resolve_dtype
 
         for name in names:
-            spec = get_spec(name)
+            spec = self.catalog.resolve(name)
             self.model(spec, resolve_dtype(None, spec, self.device))
         if names:
             log.info("preloaded %s on %s", ", ".join(names), self.device)

@@ -50,8 +50,10 @@ from typing import Any
 from celery.worker import state as worker_state
 from celery.worker.strategy import default
 
+from models.catalog import ModelCatalog
 from models.errors import RequestError
-from models.registry import get_spec
+from models.text import estimated_bucket
+from tasks.wire.catalog import local_catalog
 from tasks.wire.codec import is_envelope
 from tasks.wire.request import infer_call
 from tasks.worker.assembly import BatchAssembler, BatchPolicy
@@ -119,23 +121,31 @@ class _Collecting:
         return getattr(self._consumer, name)
 
 
-def batch_key(model: Any, inputs: Any, dtype: Any) -> tuple[Hashable, int]:
+def batch_key(catalog: ModelCatalog, model: Any, inputs: Any, dtype: Any) -> tuple[Hashable, int]:
     """(batch key, samples) of an ``infer`` call, read without decoding any tensor.
 
-    Raises :class:`~models.errors.UnknownModel` for a model no source knows.
-    The key is a hint for grouping: the child regroups by the decoded shape,
-    so a list input (its shape unknown here) is still served right.
+    Raises :class:`~models.errors.UnknownModel` for a model no source of
+    ``catalog`` knows.  The key is a hint for grouping: the child regroups by
+    the decoded shape (a text model: by the real token-length bucket), so a
+    list input (its shape unknown here) is still served right.  Text requests
+    are keyed by an estimated padded-length bucket, so a long text does not
+    wait with, and pad, a batch of short ones.
     """
-    spec = get_spec(model)
+    spec = catalog.resolve(model)
+    if spec.text is not None:
+        samples = len(inputs) if isinstance(inputs, list | tuple) else 1
+        return (spec.ref, dtype, "text", estimated_bucket(inputs, spec.text.max_tokens)), max(
+            1, samples
+        )
     if is_envelope(inputs):
         shape = inputs.get("shape")
         if isinstance(shape, list | tuple) and all(isinstance(d, int) for d in shape):
             if len(shape) == len(spec.sample_shape) + 1:
-                return (spec.name, dtype, tuple(shape[1:]), str(inputs.get("dtype"))), max(
+                return (spec.ref, dtype, tuple(shape[1:]), str(inputs.get("dtype"))), max(
                     1, shape[0]
                 )
-            return (spec.name, dtype, tuple(shape), str(inputs.get("dtype"))), 1
-    return (spec.name, dtype, type(inputs).__name__, None), 1
+            return (spec.ref, dtype, tuple(shape), str(inputs.get("dtype"))), 1
+    return (spec.ref, dtype, type(inputs).__name__, None), 1
 
 
 class BatchingStrategy:
@@ -157,7 +167,7 @@ class BatchingStrategy:
         self._timer: Any = None
 
     def policy(self, key: Hashable) -> BatchPolicy:
-        spec = get_spec(key[0])  # type: ignore[index]
+        spec = local_catalog(self.settings).resolve(key[0])  # type: ignore[index]
         return BatchPolicy(
             max_batch_size=spec.max_batch_size or self.settings.max_batch_size,
             max_wait_ms=self.settings.max_wait_ms if spec.max_wait_ms is None else spec.max_wait_ms,
@@ -190,7 +200,7 @@ class BatchingStrategy:
             model, inputs, dtype = infer_call(req.args, req.kwargs)
             if not isinstance(dtype, str | None):
                 return None  # the task body refuses it with its typed error
-            key, samples = batch_key(model, inputs, dtype)
+            key, samples = batch_key(local_catalog(self.settings), model, inputs, dtype)
         except RequestError:
             return None
         alone = bool(req.delivery_info.get("redelivered")) or deliveries(req.request_dict) > 0

@@ -24,7 +24,6 @@ from celery import chord
 from celery.exceptions import TaskRevokedError
 
 from models import errors
-from models.registry import get_spec
 from models.runner import reference_forward
 from routing.queues import direct_queue
 from tasks import app, infer, infer_many
@@ -37,6 +36,7 @@ from tests.integration.conftest import eventually, queue_depth
 from tests.integration.flower_server import running_flower
 from tests.integration.test_metrics import scrape, value
 from tests.reliability.ledger_hook import LEDGER_HEADER
+from tests.specs import spec_of
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -97,7 +97,7 @@ def test_500_concurrent_requests_batch_and_match_unbatched(
     got = np.concatenate(
         [np.frombuffer(r["outputs"]["data"], np.float32).reshape(1, 10) for r in replies]
     )
-    expected = reference_forward(get_spec("cnn"), x, weights_dir)
+    expected = reference_forward(spec_of("cnn"), x)
     assert np.allclose(got, expected, atol=1e-4)
     sizes = [r["forward_batch"] for r in replies]
     assert max(sizes) > 1 and sum(s > 1 for s in sizes) > 250  # most rode in a shared pass
@@ -151,9 +151,7 @@ def test_infer_many_through_a_chord_and_a_failing_chunk_named_by_range(
     q = batching_worker.own_queue
     x = np.random.default_rng(9).standard_normal((2000, 64), dtype=np.float32)
     result = infer_many("mlp", x, batch_size=128, queue=q)
-    assert np.allclose(
-        result.get(timeout=180), reference_forward(get_spec("mlp"), x, weights_dir), atol=1e-4
-    )
+    assert np.allclose(result.get(timeout=180), reference_forward(spec_of("mlp"), x), atol=1e-4)
     good = np.zeros((10, 64), np.float32)
     # The middle chunk asks for fp16: it passes the client's checks, and a CPU worker refuses it.
     header = [

@@ -17,7 +17,6 @@ import pytest
 import redis
 
 from models import errors
-from models.registry import get_spec
 from models.runner import reference_forward
 from routing.queues import direct_queue
 from tasks import app, infer, infer_many
@@ -29,6 +28,7 @@ from tasks.wire import blobs
 from tasks.wire.codec import encode
 from tasks.wire.topology import remove_topology
 from tests.integration.conftest import eventually
+from tests.specs import spec_of
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -103,9 +103,7 @@ def test_a_big_input_goes_by_reference_and_its_blob_is_deleted(
     assert ref["nbytes"] > x.nbytes > THRESHOLD
     reply = res.get(timeout=60)
     assert reply["batch_size"] == 100
-    assert np.allclose(
-        outputs(reply), reference_forward(get_spec("mlp"), x, weights_dir), atol=1e-4
-    )
+    assert np.allclose(outputs(reply), reference_forward(spec_of("mlp"), x), atol=1e-4)
     # The same input inline (send_task skips the claim check) gives the same outputs.
     inline = app.send_task(
         "tasks.infer", args=("mlp", encode(x, binary=True)), queue=worker.own_queue

@@ -41,7 +41,7 @@ def _wait_models(host: str, env: dict[str, str], want: bool, timeout: float = 30
     deadline = time.monotonic() + timeout
     while True:
         models = _models(host, env)
-        if ("mlp" in models) == want or time.monotonic() > deadline:
+        if ("mlp@1" in models) == want or time.monotonic() > deadline:
             return models
         time.sleep(0.5)
 
@@ -52,21 +52,25 @@ def test_load_and_unload_a_model_from_the_cli(worker_factory: WorkerFactory, run
     name, shared = f"ctl-{run_id}", f"ctl-{run_id}"
     worker = worker_factory(name, [direct_queue(shared, name), shared], env=env).wait_ready()
     host = worker.hostname
-    assert "mlp" not in _wait_models(host, env, want=False)
+    assert "mlp@1" not in _wait_models(host, env, want=False)
 
     reply = _celery("control", "load_model", "mlp", "fp32", "-d", host, env=env)
     assert "queued" in reply[host]["ok"] and reply[host]["task_id"]
-    assert "mlp" in _wait_models(host, env, want=True)
+    assert "mlp@1" in _wait_models(host, env, want=True)  # models_loaded names the version
 
     reply = _celery("control", "unload_model", "mlp", "-d", host, env=env)
     assert "queued" in reply[host]["ok"]
-    assert "mlp" not in _wait_models(host, env, want=False)
+    assert "mlp@1" not in _wait_models(host, env, want=False)
 
     # bad requests get an error reply and change nothing
     reply = _celery("control", "load_model", "resnet9000", "-d", host, env=env)
     assert "unknown model" in reply[host]["error"].lower()
     reply = _celery("control", "load_model", "mlp", "fp8", "-d", host, env=env)
     assert "fp8" in reply[host]["error"]
+    reply = _celery("control", "load_model", "mlp@7", "-d", host, env=env)
+    assert "no version 7" in reply[host]["error"]
+    reply = _celery("control", "set_default_version", "mlp", "3", "-d", host, env=env)
+    assert "no version 3" in reply[host]["error"]
     assert worker.alive()
 
 

@@ -15,12 +15,12 @@ from typing import Any
 
 import pytest
 
-from models.registry import get_spec
 from tasks import infer
 from tasks.ops.demo import sample_inputs
 from tasks.ops.launcher import WorkerProcess, free_port
 from tests.integration.conftest import WorkerFactory, eventually
 from tests.integration.flower_server import Flower, running_flower
+from tests.specs import spec_of
 
 ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = "/usr/bin/chromium"
@@ -67,7 +67,7 @@ def test_flower_refuses_to_start_without_a_password() -> None:
 
 
 def _finished_task(worker: WorkerProcess) -> str:
-    x = sample_inputs(get_spec("mlp"), 2, seed=0)
+    x = sample_inputs(spec_of("mlp"), 2, seed=0)
     result = infer.apply_async(("mlp", x), queue=worker.own_queue)
     assert result.get(timeout=60)["worker"] == worker.hostname
     return str(result.id)

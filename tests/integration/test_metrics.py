@@ -9,12 +9,12 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from models.errors import NonFiniteInput, UnknownModel
-from models.registry import get_spec
 from routing.queues import direct_queue
 from tasks import app, infer
 from tasks.ops.demo import sample_inputs
 from tasks.ops.launcher import WorkerProcess, free_port
 from tests.integration.conftest import WorkerFactory, eventually
+from tests.specs import spec_of
 
 pytestmark = pytest.mark.integration
 
@@ -45,7 +45,7 @@ def test_worker_exports_request_batch_model_and_memory_metrics(
     name, shared = f"met-{run_id}", f"met-{run_id}"
     env = dict(os.environ, INFER_METRICS_PORT=str(port))
     worker = worker_factory(name, [direct_queue(shared, name), shared], env=env).wait_ready()
-    spec = get_spec("mlp")
+    spec = spec_of("mlp")
     for batch in (1, 3, 5):
         out = infer.apply_async(("mlp", sample_inputs(spec, batch, batch)), queue=worker.own_queue)
         assert out.get(timeout=60)["batch_size"] == batch
@@ -71,7 +71,7 @@ def test_worker_exports_request_batch_model_and_memory_metrics(
     assert value(m, "infer_model_loads_total", model="mlp", dtype="fp32") == 1
     assert value(m, "infer_model_load_seconds_count", model="mlp") == 1
     assert value(m, "infer_models_loaded") == 1
-    assert value(m, "infer_model_loaded", model="mlp", dtype="fp32") == 1
+    assert value(m, "infer_model_loaded", model="mlp", version="1", dtype="fp32") == 1
     assert value(m, "infer_model_cache_bytes", kind="used") > 0
     for kind in ("used", "free", "total"):
         assert value(m, "infer_device_memory_bytes", device="cpu", kind=kind) > 0, kind
@@ -99,7 +99,7 @@ def test_a_client_exports_its_router_decisions(pair: Pair) -> None:
     assert metrics.serve(port, app=app)  # what a client application calls to export its router
     before = scrape(port)
     for seed in range(6):
-        infer.apply_async(("cnn", sample_inputs(get_spec("cnn"), 1, seed))).get(timeout=60)
+        infer.apply_async(("cnn", sample_inputs(spec_of("cnn"), 1, seed))).get(timeout=60)
     after = scrape(port)
     decided = sum(
         value(after, "infer_router_decisions_total", outcome=o)

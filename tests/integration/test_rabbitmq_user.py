@@ -249,12 +249,12 @@ def test_app_user_cannot_declare_names_outside_the_deployment(
 CLIENT = textwrap.dedent("""
     import json, sys, threading, time
     from models.errors import NoCapableWorker
-    from models.registry import get_spec
+    from tests.specs import spec_of
     from tasks import app, infer
     from tasks.ops.demo import sample_inputs
 
     own_queue = sys.argv[1]
-    x = sample_inputs(get_spec("mlp"), 1, 1)[0]
+    x = sample_inputs(spec_of("mlp"), 1, 1)[0]
     out = {}
     deadline = time.monotonic() + 60
     while True:  # routed by the capability router, once the worker's heartbeat is in

@@ -22,7 +22,6 @@ import numpy as np
 import pytest
 
 from models.errors import NoCapableWorker, UnsupportedDtype
-from models.registry import get_spec
 from routing.queues import direct_queue
 from routing.router import CapabilityRouter
 from tasks import app, infer
@@ -31,6 +30,7 @@ from tasks.ops.demo import sample_inputs
 from tasks.ops.launcher import WorkerProcess
 from tasks.wire.topology import remove_topology
 from tests.integration.conftest import queue_depth
+from tests.specs import spec_of
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -93,7 +93,7 @@ def router(fleet: Fleet, monkeypatch: pytest.MonkeyPatch) -> Iterator[Capability
 
 
 def x(model: str, seed: int = 0) -> np.ndarray:
-    return sample_inputs(get_spec(model), 1, seed)[0]
+    return sample_inputs(spec_of(model), 1, seed)[0]
 
 
 def test_requests_land_only_on_capable_workers(fleet: Fleet, router: object) -> None:
@@ -153,7 +153,7 @@ def test_inspect_capabilities_shows_each_record(fleet: Fleet, router: object) ->
     assert out.returncode == 0, out.stderr
     record = json.loads(out.stdout)[fleet.host("bf16")]
     assert record["dtypes"] == ["fp32", "bf16"] and record["total_memory_mb"] == 4000
-    assert "cnn" in record["models_loaded"] and record["queue"] == fleet.workers["bf16"].own_queue
+    assert "cnn@1" in record["models_loaded"] and record["queue"] == fleet.workers["bf16"].own_queue
 
 
 def test_killed_workers_traffic_moves_with_nothing_lost(

@@ -12,32 +12,32 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from models.registry import get_spec, model_names
 from models.runner import reference_forward
 from tasks import app, infer
 from tasks.client.results import outputs
 from tasks.ops.demo import sample_inputs
 from tasks.ops.launcher import WorkerProcess
+from tests.specs import spec_of, zoo_names
 
 pytestmark = pytest.mark.integration
 Pair = tuple[WorkerProcess, WorkerProcess, str]
 
 
 @pytest.mark.parametrize("serializer", ["msgpack", "json"])
-@pytest.mark.parametrize("name", model_names())
+@pytest.mark.parametrize("name", zoo_names())
 def test_every_model_matches_in_process(
     pair: Pair, weights_dir: Path, name: str, serializer: str
 ) -> None:
     a, b, shared = pair
     cases = [
-        (sample_inputs(get_spec(name), 1, 1)[0], a.own_queue),
-        (sample_inputs(get_spec(name), 5, 2), b.own_queue),
-        (sample_inputs(get_spec(name), 3, 3), shared),
+        (sample_inputs(spec_of(name), 1, 1)[0], a.own_queue),
+        (sample_inputs(spec_of(name), 5, 2), b.own_queue),
+        (sample_inputs(spec_of(name), 3, 3), shared),
     ]
     pending = [(x, infer.apply_async((name, x), queue=q, serializer=serializer)) for x, q in cases]
     for (x, queue), (_, res) in zip(cases, pending, strict=True):
         got = res.get(timeout=60)
-        expected = reference_forward(get_spec(name), x, weights_dir)
+        expected = reference_forward(spec_of(name), x)
         assert got["model"] == name and got["batch_size"] == expected.shape[0]
         assert got["device"] == "cpu" and got["dtype"] == "fp32"
         if queue != shared:
@@ -51,8 +51,8 @@ def test_every_model_matches_in_process(
 def test_client_script_outside_the_repo(pair: Pair, weights_dir: Path, tmp_path: Path) -> None:
     """Only `from tasks import app` and stock Celery calls, run from another directory."""
     a, _, shared = pair
-    x = sample_inputs(get_spec("cnn"), 2, 7)
-    tokens = sample_inputs(get_spec("transformer"), 1, 8)
+    x = sample_inputs(spec_of("cnn"), 2, 7)
+    tokens = sample_inputs(spec_of("transformer"), 1, 8)
     script = tmp_path / "client.py"
     script.write_text(
         textwrap.dedent(f"""
@@ -84,12 +84,10 @@ def test_client_script_outside_the_repo(pair: Pair, weights_dir: Path, tmp_path:
     )
     assert out.returncode == 0, out.stderr
     got = json.loads(out.stdout.strip().splitlines()[-1])
-    assert np.allclose(
-        np.array(got["cnn"]), reference_forward(get_spec("cnn"), x, weights_dir), atol=1e-5
-    )
+    assert np.allclose(np.array(got["cnn"]), reference_forward(spec_of("cnn"), x), atol=1e-5)
     assert np.allclose(
         np.array(got["transformer"]),
-        reference_forward(get_spec("transformer"), tokens, weights_dir),
+        reference_forward(spec_of("transformer"), tokens),
         atol=1e-5,
     )
 
@@ -120,7 +118,7 @@ def test_predict_helper_returns_the_output_array(pair: Pair, weights_dir: Path) 
     from tasks.client.results import predict
 
     a, _, _ = pair
-    x = sample_inputs(get_spec("mlp"), 3, 11)
+    x = sample_inputs(spec_of("mlp"), 3, 11)
     got = predict("mlp", x, queue=a.own_queue, timeout=60)
     assert got.shape == (3, 10)
-    assert np.allclose(got, reference_forward(get_spec("mlp"), x, weights_dir), atol=1e-5)
+    assert np.allclose(got, reference_forward(spec_of("mlp"), x), atol=1e-5)

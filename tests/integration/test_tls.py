@@ -29,7 +29,6 @@ from kombu import Connection, Queue, pools
 from kombu.exceptions import OperationalError
 from kombu.utils.collections import eqhash
 
-from models.registry import get_spec
 from models.runner import reference_forward
 from tasks.app import InferenceApp, broker_use_ssl
 from tasks.client.results import outputs
@@ -50,6 +49,7 @@ from tests.integration.tls_servers import (
     redis_tls_support,
     stray_processes,
 )
+from tests.specs import spec_of
 
 pytestmark = pytest.mark.integration
 
@@ -267,14 +267,12 @@ def test_worker_serves_over_amqps(
         worker.start().wait_ready()
         noop = client.send_task("tasks.diag.noop", queue=queue)
         assert noop.get(timeout=30)["worker"] == worker.hostname
-        x = sample_inputs(get_spec("mlp"), 3, 1)
+        x = sample_inputs(spec_of("mlp"), 3, 1)
         got = client.send_task(
             "tasks.infer", args=("mlp", encode(x, binary=True)), queue=queue
         ).get(timeout=30)
         assert got["worker"] == worker.hostname and got["batch_size"] == 3
-        assert np.allclose(
-            outputs(got), reference_forward(get_spec("mlp"), x, weights_dir), atol=1e-5
-        )
+        assert np.allclose(outputs(got), reference_forward(spec_of("mlp"), x), atol=1e-5)
         with client.connection_for_write() as conn:
             conn.connect()
             assert (

@@ -16,10 +16,10 @@ from models.errors import (
     UnsupportedDtype,
     echo,
 )
-from models.registry import get_spec
 from tasks.client.routes import call_requirements, requirements_for
 from tasks.wire.codec import decode, encode, estimated_nbytes, refuse_oversized
 from tasks.wire.request import check_dtype, infer_call
+from tests.specs import spec_of
 
 X = [0.0] * 64
 
@@ -84,7 +84,7 @@ def test_a_precision_that_is_no_name_is_unsupported_dtype_everywhere(dtype: obje
 
 def test_call_requirements_name_the_model_and_its_memory() -> None:
     req = call_requirements("cnn", "fp16")
-    assert (req.model, req.dtype, req.model_memory_mb) == ("cnn", "fp16", get_spec("cnn").memory_mb)
+    assert (req.model, req.dtype, req.model_memory_mb) == ("cnn", "fp16", spec_of("cnn").memory_mb)
     assert call_requirements("cnn", "auto").dtype is None
 
 
@@ -135,6 +135,6 @@ def test_echo_cuts_a_long_value_and_says_so() -> None:
 
 def test_an_unknown_model_name_is_echoed_short() -> None:
     with pytest.raises(UnknownModel) as e:
-        get_spec("m" * 10_000)
+        spec_of("m" * 10_000)
     assert len(str(e.value)) < 300
     assert "(10002 characters, cut)" in str(e.value)

