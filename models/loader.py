@@ -50,7 +50,14 @@ def instantiate(spec: ModelSpec) -> nn.Module:
             "package in the worker's environment or put its folder on the worker's PYTHONPATH, "
             "and check [torch] builder in its model.toml"
         ) from e
-    return cast(nn.Module, builder(**dict(spec.builder_kwargs))).eval()
+    try:
+        module = builder(**dict(spec.builder_kwargs))
+    except TypeError as e:  # e.g. a misspelt key under [torch] kwargs
+        raise ModelLoadError(
+            f"the builder {spec.builder!r} of model {spec.ref} refused its arguments "
+            f"{dict(spec.builder_kwargs)} ({e}): fix [torch] kwargs in its model.toml"
+        ) from e
+    return cast(nn.Module, module).eval()
 
 
 def seeded_state(spec: ModelSpec) -> dict[str, torch.Tensor]:

@@ -200,6 +200,9 @@ def parse_model(
     kind = data.get("kind")
     if kind not in KINDS:
         raise toml.fail("kind", f'{kind!r}: write kind = "torch" or kind = "huggingface"')
+    other = "huggingface" if kind == "torch" else "torch"
+    if other in data:
+        raise toml.fail(other, f"a {kind} model has no [{other}] table: remove it, or set kind")
     common = _common(toml)
     if kind == "torch":
         common.update(_torch(toml))
@@ -299,6 +302,12 @@ def _inputs(toml: _Toml, kind: str) -> dict[str, Any]:
         raise toml.fail(
             "inputs.type",
             'a huggingface model takes text here: write type = "text" and max_tokens',
+        )
+    if kind == "torch" and kind_of == "text":
+        raise toml.fail(
+            "inputs.type",
+            'a torch model takes tensors (token ids, for a text model of your own); text with a '
+            'tokenizer is a huggingface model: write kind = "huggingface"',
         )
     if kind_of == "text":
         stray = sorted({"dtype", "accept", "shape", "value_range"} & set(table))

@@ -26,6 +26,7 @@ from collections.abc import Callable
 from typing import Any
 
 from models.spec import ModelSpec, parse_ref
+from models.text import check_text
 from routing.capabilities import TaskRequirements
 from routing.registry import LiveRegistry
 from routing.router import CapabilityRouter
@@ -33,6 +34,7 @@ from routing.sticky import StickyCache
 from tasks.client.specs import SpecLookup
 from tasks.settings import Settings
 from tasks.wire.backend import registry_store
+from tasks.wire.blobs import is_reference as blobs_reference
 from tasks.wire.codec import NO_LIMIT, refuse_oversized
 from tasks.wire.request import check_dtype, infer_call
 
@@ -76,8 +78,12 @@ def requirements_for(
     if name != "tasks.infer":
         return TaskRequirements()  # any live worker
     call = infer_call(args, kwargs)
+    specs = specs or _local_specs()
     requirements = call_requirements(call.model, call.dtype, specs)
-    refuse_oversized(call.inputs, max_payload_bytes)
+    if specs(call.model).text is not None and not blobs_reference(call.inputs):
+        check_text(specs(call.model), call.inputs, max_payload_bytes)  # strings: cheap to check
+    else:
+        refuse_oversized(call.inputs, max_payload_bytes)
     return requirements
 
 

@@ -125,7 +125,8 @@ def main() -> int:
             # Two requests pinned to a worker's own queue, one left to the capability router.
             # Big images (resnet50: 150 KB each) in smaller batches, under the payload limit.
             sizes = (1, 2, 4) if spec.ref.startswith("resnet50") else (1, 4, 8)
-            for batch, queue in zip(sizes, (workers[0].own_queue, workers[1].own_queue, None)):
+            queues = (workers[0].own_queue, workers[1].own_queue, None)
+            for batch, queue in zip(sizes, queues, strict=True):
                 seed += 1
                 x = sample_inputs(spec, batch, seed)
                 sent = time.perf_counter()

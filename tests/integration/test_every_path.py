@@ -149,6 +149,30 @@ CASES: list[Case] = [
         ("mlp", {"dtype": "float32", "shape": [64], "data": "%%%"}),
         errors.MalformedPayload,
     ),
+    # Model versions.
+    Case("a version that does not exist", ("mlp@9", GOOD.tolist()), errors.UnknownVersion),
+    Case("version 0", ("mlp@0", GOOD.tolist()), errors.UnknownModel),
+    # Text (minilm: all-MiniLM-L6-v2, at most 256 tokens and 64 strings a request).
+    Case("text: empty string", ("minilm", ""), errors.EmptyText),
+    Case("text: a blank string in a list", ("minilm", ["fine", "   "]), errors.EmptyText),
+    Case("text: a number", ("minilm", 42), errors.NonTextInput),
+    Case("text: a number in a list", ("minilm", ["fine", 3]), errors.NonTextInput),
+    Case("text: an array for a text model", ("minilm", GOOD.tolist()), errors.NonTextInput),
+    Case("text: too many strings", ("minilm", ["fine"] * 65), errors.TooManyTexts),
+    Case("text: over 256 tokens", ("minilm", "word " * 400), errors.TextTooLong),
+    Case(
+        "text: bytes that are not UTF-8",
+        ("minilm", [b"\xff\xfe not text"]),
+        errors.InvalidUtf8,
+        json_ok=False,
+    ),
+    Case(
+        "text: a lone surrogate",
+        ("minilm", "half a pair \udc80"),
+        errors.InvalidUtf8,
+        json_ok=False,
+        not_bare="msgpack cannot encode a lone surrogate: stock Celery fails in the caller (EncodeError)",
+    ),
     # 6. Messages no worker can run: the worker stores MalformedMessage for their id.
     Case(
         "pickle serializer",
