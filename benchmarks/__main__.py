@@ -7,12 +7,15 @@ deployment_infer_batched and deployment_infer_chunked (ours), celery_batches
 and dramatiq (optional peers), router (its decisions, in process), publish
 (confirmed publishes), in_process (the CNN forward pass, batch 1 and 64),
 open_loop (Poisson arrivals at a sweep of offered rates, batch-1 and batching
-worker).  All on the broker and backend the environment configures,
-interleaved over several rounds.
+worker), model_gain (resnet50 and minilm: in process, served at batch 1 and
+with dynamic batching).  All on the broker and backend the environment
+configures, interleaved over several rounds.
 
-``python -m benchmarks burst`` runs the 10,000-task burst (lane ``burst``,
-merged into the results file); ``python -m benchmarks compare BEFORE AFTER``
-sets two results files side by side.
+``python -m benchmarks LANE[,LANE...] [options]`` runs only those lanes (the
+same as ``--lanes``), e.g. ``python -m benchmarks model_gain --quick --json
+PATH``.  ``python -m benchmarks burst`` runs the 10,000-task burst (lane
+``burst``, merged into the results file); ``python -m benchmarks compare
+BEFORE AFTER`` sets two results files side by side.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from pathlib import Path
 from benchmarks.lanes.base import RoundConfig
 from benchmarks.plots import write_plots
 from benchmarks.report import print_table
-from benchmarks.run import Plan, run
+from benchmarks.run import LANES, Plan, run
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
         from benchmarks.compare import main as compare
 
         return compare(argv[1:])
+    names = [cls.name for cls in LANES]
+    if argv[:1] and not argv[0].startswith("-"):  # python -m benchmarks model_gain --quick ...
+        argv = ["--lanes", argv[0], *argv[1:]]
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     parser.add_argument(
         "--quick", action="store_true", help="3 short rounds (under 3 minutes on 2 cores)"
@@ -54,7 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--requests", type=int, help="override closed-loop requests per round")
     parser.add_argument("--window-requests", type=int, help="override windowed requests per round")
-    parser.add_argument("--lanes", help="comma-separated subset of lanes")
+    parser.add_argument(
+        "--lanes", help="comma-separated subset of lanes (or name them first): " + ", ".join(names)
+    )
     parser.add_argument(
         "--producers",
         type=int,
@@ -63,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
         "one client cannot outpace a batching worker, see benchmarks/producers.py",
     )
     args = parser.parse_args(argv)
+    if args.lanes and (unknown := sorted(set(args.lanes.split(",")) - set(names))):
+        parser.error(f"no lane named {', '.join(unknown)}: the lanes are {', '.join(names)}")
 
     plan = Plan.quick(args.device) if args.quick else Plan.full(args.device)
     rc = plan.round

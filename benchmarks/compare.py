@@ -47,6 +47,8 @@ HEADLINE = (
     "capacity_req_s",
     "max_rate_p99_50ms.infer",
     "max_rate_p99_50ms.batched",
+    "gain.resnet50",
+    "gain.minilm",
 )
 
 

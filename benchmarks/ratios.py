@@ -42,6 +42,15 @@ def ratios(lanes: dict[str, Any]) -> dict[str, float | None]:
     def max_rate(worker: str) -> float | None:  # open_loop: max req/s with p99 <= 50 ms
         return lanes.get("open_loop", {}).get("max_rate_p99_50ms", {}).get(worker)
 
+    def gain(model: str) -> dict[str, Any]:  # model_gain: one model's served phases
+        return dict(lanes.get("model_gain", {}).get("models", {}).get(model) or {})
+
+    def gain_p95(model: str, phase: str) -> float | None:
+        return ((gain(model).get(phase) or {}).get("rtt_ms") or {}).get("p95")
+
+    def gain_req_s(model: str, phase: str) -> float | None:
+        return (gain(model).get(phase) or {}).get("req_s")
+
     batched = lanes.get("deployment_infer_batched", {})
     publish = lanes.get("publish", {})
     in_process = lanes.get("in_process", {}).get("by_batch", {})
@@ -101,4 +110,17 @@ def ratios(lanes: dict[str, Any]) -> dict[str, float | None]:
         ),
         # Open loop (Poisson arrivals): the highest req/s with p99 <= 50 ms, batching / batch 1.
         "open_loop_batched_vs_infer_max_rate_p99": ratio(max_rate("batched"), max_rate("infer")),
+        # model_gain: saturated req/s of a batching worker over a batch-1 worker, the same load
+        # (INFER_BATCH_RESERVE x the model's batch in flight), on models that compute; beside
+        # each, the client round trip's p95 (ms, not a ratio) on the batching and batch-1 worker.
+        "batching_gain_resnet50": ratio(
+            gain_req_s("resnet50", "batching"), gain_req_s("resnet50", "batch1")
+        ),
+        "batching_gain_resnet50_p95_ms": gain_p95("resnet50", "batching"),
+        "batching_gain_resnet50_batch1_p95_ms": gain_p95("resnet50", "batch1"),
+        "batching_gain_minilm": ratio(
+            gain_req_s("minilm", "batching"), gain_req_s("minilm", "batch1")
+        ),
+        "batching_gain_minilm_p95_ms": gain_p95("minilm", "batching"),
+        "batching_gain_minilm_batch1_p95_ms": gain_p95("minilm", "batch1"),
     }

@@ -19,9 +19,11 @@ from typing import Any
 __all__ = [
     "CPU_ROLES",
     "END",
+    "MODEL_GAIN_HEADERS",
     "begin",
     "blocks",
     "cpu_rows",
+    "model_gain_rows",
     "open_loop_rows",
     "print_table",
     "render",
@@ -61,6 +63,20 @@ OPEN_LOOP_HEADERS = (
     "errors",
     "timeouts",
 )
+MODEL_GAIN_HEADERS = (
+    "model",
+    "in flight",
+    "in process b1/s",
+    "in process bN/s",
+    "batch-1 req/s",
+    "batch-1 p50 ms",
+    "batch-1 p95 ms",
+    "batching req/s",
+    "batching p50 ms",
+    "batching p95 ms",
+    "mean forward batch",
+    "gain",
+)
 
 
 def _f(value: float | None, fmt: str) -> str:
@@ -95,6 +111,16 @@ def rows(result: dict[str, Any]) -> list[tuple[str, ...]]:
                 f"{_f(v, ',.0f')} ({w})" for w, v in best.items()
             )
             rss = _f(lane.get("worker_rss_mb"), ".0f")
+            out.append((name, "-", "-", "-", "-", "-", "-", "-", figures, "-", rss))
+            continue
+        if name == "model_gain":  # its models' phases: model_gain_rows
+            figures = "batching gain: " + " / ".join(
+                f"{_f(v, '.2f')}x ({m})" for m, v in lane["gain"].items()
+            )
+            rss = _f(
+                max((v for v in (lane.get("worker_rss_mb") or {}).values() if v), default=None),
+                ".0f",
+            )
             out.append((name, "-", "-", "-", "-", "-", "-", "-", figures, "-", rss))
             continue
         if "rtt_ms" not in lane:  # in_process: compute only
@@ -152,6 +178,46 @@ def open_loop_rows(result: dict[str, Any]) -> list[tuple[str, ...]]:
                 )
             )
     return out
+
+
+def model_gain_rows(result: dict[str, Any]) -> list[tuple[str, ...]]:
+    """The ``model_gain`` lane, one row per model ([] without the lane)."""
+    lane = result["lanes"].get("model_gain")
+    if not lane:
+        return []
+    out: list[tuple[str, ...]] = []
+    for model, m in lane["models"].items():
+        by_batch = m["in_process"]["by_batch"]
+        one, b1, batching = by_batch.get("1"), m["batch1"], m["batching"]
+        top = by_batch.get(str(m["batch"]))
+        b1_rtt, batching_rtt = b1.get("rtt_ms") or {}, batching.get("rtt_ms") or {}
+        out.append(
+            (
+                model,
+                str(m["in_flight"]),
+                _f(one, ",.1f"),
+                f"{_f(top, ',.1f')} (b{m['batch']})",
+                _f(b1["req_s"], ",.1f"),
+                _f(b1_rtt.get("p50"), ",.0f"),
+                _f(b1_rtt.get("p95"), ",.0f"),
+                _f(batching["req_s"], ",.1f"),
+                _f(batching_rtt.get("p50"), ",.0f"),
+                _f(batching_rtt.get("p95"), ",.0f"),
+                _f(batching.get("forward_batch_mean"), ".1f"),
+                _f(m["gain"], ".2f") + "x",
+            )
+        )
+    return out
+
+
+def _model_gain_caption(result: dict[str, Any]) -> str:
+    lane = result["lanes"]["model_gain"]
+    return (
+        f"Model gain on `{lane['device']}`: each model's batch-1 worker and batching worker "
+        f"saturated in turn, `in flight` single-sample requests at a time "
+        f"(INFER_BATCH_RESERVE x the model's batch); req/s median of {lane['rounds']} rounds, "
+        f"client round trips pooled over them; gain = batching req/s / batch-1 req/s."
+    )
 
 
 def _open_loop_caption(result: dict[str, Any]) -> str:
@@ -213,6 +279,11 @@ def render(result: dict[str, Any], source: str) -> str:
         lines += ["| " + " | ".join(OPEN_LOOP_HEADERS) + " |"]
         lines += ["|---|" + "---:|" * (len(OPEN_LOOP_HEADERS) - 1)]
         lines += ["| " + " | ".join(r) + " |" for r in sweep]
+    if gain := model_gain_rows(result):
+        lines += ["", _model_gain_caption(result), ""]
+        lines += ["| " + " | ".join(MODEL_GAIN_HEADERS) + " |"]
+        lines += ["|---|" + "---:|" * (len(MODEL_GAIN_HEADERS) - 1)]
+        lines += ["| " + " | ".join(r) + " |" for r in gain]
     lines += ["", "| ratio | value |", "|---|---:|"]
     lines += [f"| {k} | {_f(v, '.3f')} |" for k, v in result["ratios"].items()]
     lines += ["", f"Client RSS: {_f(result['memory_mb'].get('client_rss'), '.0f')} MB."]
@@ -245,6 +316,13 @@ def print_table(result: dict[str, Any], source: str) -> None:
         for r in sweep:
             sweep_table.add_row(*r)
         console.print(sweep_table)
+    if gain := model_gain_rows(result):
+        gain_table = Table(title=_model_gain_caption(result))
+        for h in MODEL_GAIN_HEADERS:
+            gain_table.add_column(h, justify="left" if h == "model" else "right")
+        for r in gain:
+            gain_table.add_row(*r)
+        console.print(gain_table)
     for k, v in result["ratios"].items():
         console.print(f"  {k:52} {_f(v, '.3f')}")
     console.print(_headline(result, source))

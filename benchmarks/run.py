@@ -33,6 +33,7 @@ from benchmarks.lanes.deployment_infer_chunked import ChunkedInferLane
 from benchmarks.lanes.deployment_noop import DeploymentNoopLane
 from benchmarks.lanes.dramatiq import DramatiqLane
 from benchmarks.lanes.in_process import InProcessLane
+from benchmarks.lanes.model_gain import ModelGainLane
 from benchmarks.lanes.open_loop import OpenLoopLane
 from benchmarks.lanes.publish import PublishLane
 from benchmarks.lanes.router import RouterLane
@@ -43,7 +44,7 @@ from tasks import app
 
 __all__ = ["LANES", "MODEL", "Plan", "build_lanes", "run"]
 
-MODEL = "cnn"  # every inference lane serves this model
+MODEL = "cnn"  # every inference lane serves this model, except model_gain (its own models)
 
 # The lanes of a run, in the order they run each round (and appear in the results file).
 LANES: tuple[type[Lane], ...] = (
@@ -61,6 +62,7 @@ LANES: tuple[type[Lane], ...] = (
     PublishLane,
     InProcessLane,
     OpenLoopLane,  # after deployment_infer: takes the batch-1 capacity from its first round
+    ModelGainLane,  # resnet50 and minilm (the others serve MODEL): its own four workers
 )
 
 

@@ -62,9 +62,9 @@ computed) as p50/p95/p99/mean over every round's requests pooled, and
 ``compute_ms`` (the reply's forward pass, pooled percentiles),
 ``forward_batch_mean`` (request-weighted: the mean size of the pass that
 served a request), ``requests`` (all rounds); ``worker_rss_mb`` per worker;
-``per_round`` (``"<model>.batch1.req_s"``, ``"<model>.batching.req_s"``,
-``"<model>.batching.rtt_ms.p95"``, ``"gain.<model>"``, ... one value per
-round).  Ratios: ``batching_gain_<model>`` and, beside each, the p95 round
+``per_round`` (figure path to one value per round: ``"gain.<model>"``,
+``"models.<model>.batch1.req_s"``, ``"models.<model>.batching.rtt_ms.p95"``
+(that round's own p95), ``"models.<model>.in_process.by_batch.1"``, ...).  Ratios: ``batching_gain_<model>`` and, beside each, the p95 round
 trips of both workers under that load (``batching_gain_<model>_p95_ms``,
 ``batching_gain_<model>_batch1_p95_ms``).
 """
@@ -104,13 +104,15 @@ SENTENCE_POOL = 256  # distinct sentences minilm's requests cycle through
 RESULT_TIMEOUT_S = 300.0  # one request's result, under a full window on a slow device
 READY_TIMEOUT_S = 180.0  # four workers preload at once, beside the run's other peers
 
-_WORDS = (
-    "queue worker broker message batch result model request device tensor image sentence "
-    "latency throughput cluster replica network memory storage compute kernel thread "
-    "process channel consumer producer router heartbeat registry payload encoder vector "
-    "embedding server client window signal timeout budget schedule token layer weight "
-    "quickly slowly every other small large remote local fresh stale durable shared "
-    "carries reaches returns forwards stores collects measures routes serves answers"
+# Words of minilm's sentences (one string: a list literal would take a line a word).
+_WORDS = (  # noqa: SIM905
+    "queue worker broker message batch result model request device tensor image "
+    "sentence latency throughput cluster replica network memory storage compute "
+    "kernel thread process channel consumer producer router heartbeat registry "
+    "payload encoder vector embedding server client window signal timeout budget "
+    "schedule token layer weight quickly slowly every other small large remote local "
+    "fresh stale durable shared carries reaches returns forwards stores collects "
+    "measures routes serves answers"
 ).split()
 
 
@@ -275,6 +277,7 @@ class _Model:
         self.reserve = settings.batch_reserve
         self.samples: list[Any] = []
         self.module: Any = None  # the in-process model, loaded in the first round
+        self.dtype = "fp32"  # its precision there: the worker's (auto), set on load
         self.workers: dict[str, LaneWorker] = {}
         env = dict(os.environ, INFER_REGISTRY_NAMESPACE=namespace)
         for phase in PHASES:
@@ -329,7 +332,6 @@ class ModelGainLane(Lane):
         self.parts = {m: _Model(ctx, m, namespace) for m in self.models}
         self.sizes: Sizes | None = None
         self.device: Any = None
-        self.dtype = "fp32"
         self.rss: dict[str, float | None] = {}
 
     def _workers(self) -> list[tuple[str, LaneWorker]]:
@@ -341,15 +343,16 @@ class ModelGainLane(Lane):
 
     def setup(self) -> None:
         for _, worker in self._workers():
-            worker.process.wait_ready(READY_TIMEOUT_S)
-            worker.wait_ready()
+            worker.process.wait_ready(READY_TIMEOUT_S)  # a longer wait than LaneWorker's ...
+            worker.wait_ready()  # ... which then finds it ready
         for part in self.parts.values():
             part.make_samples()
-            for phase in PHASES:  # the pool child's first requests, then one full batch
+            # Untimed: the connections and the pool child's first requests; the batching
+            # worker also serves one full batch (its largest forward pass).
+            for phase in PHASES:
                 send = part.publish(phase)
-                for result in send(0, 2):
-                    result.get(timeout=RESULT_TIMEOUT_S)
-                for result in send(0, part.max_batch_size):
+                warm = part.max_batch_size if phase == "batching" else 3
+                for result in send(0, warm):
                     result.get(timeout=RESULT_TIMEOUT_S)
 
     # In process --------------------------------------------------------------------------
@@ -366,11 +369,11 @@ class ModelGainLane(Lane):
         for part in self.parts.values():
             part.dtype = resolve_dtype(None, part.spec, self.device)
             part.module = load_model(part.spec, self.device, DTYPES[part.dtype])
-            for batch in (1, sizes.batch(part.max_batch_size)):
-                self._forward(part, batch)
+            for batch in (1, sizes.batch(part.max_batch_size)):  # untimed, once per run
+                self._forward(part, batch)()
 
     def _forward(self, part: _Model, batch: int) -> Callable[[], None]:
-        """A closure running one forward pass at ``batch`` (run once here, untimed)."""
+        """A closure running one forward pass of ``part`` at ``batch`` (inputs made here)."""
         import numpy as np
 
         from models.runner import forward, forward_text
@@ -387,17 +390,17 @@ class ModelGainLane(Lane):
             def run() -> None:
                 forward(module, x, device, part.dtype)
 
-        run()
         return run
 
     def _rate(self, part: _Model, batch: int, min_s: float) -> float:
-        run = self._forward(part, batch)  # built (and the batch shape warm) before the clock
+        """Samples/s at ``batch``: one pass at least, and passes until ``min_s`` has passed."""
+        run = self._forward(part, batch)  # inputs made (and tokenized) before the clock
         iterations, started = 0, time.perf_counter()
         while True:
             run()
             iterations += 1
             elapsed = time.perf_counter() - started
-            if elapsed >= min_s and iterations >= 1:
+            if elapsed >= min_s:
                 return batch * iterations / elapsed
 
     # Rounds --------------------------------------------------------------------------------
@@ -452,14 +455,14 @@ class ModelGainLane(Lane):
                 **phases,
                 "gain": ratio(phases["batching"]["req_s"], phases["batch1"]["req_s"]),
             }
-            for b in by_batch:
-                per_round[f"{m}.in_process.by_batch.{b}"] = [
+            for b in by_batch:  # figure paths, as in python -m benchmarks compare
+                per_round[f"models.{m}.in_process.by_batch.{b}"] = [
                     round(x[b], 3) for x in part.in_process
                 ]
             for p in PHASES:
                 rounds = part.rounds[p]
-                per_round[f"{m}.{p}.req_s"] = [round(x.req_s, 3) for x in rounds]
-                per_round[f"{m}.{p}.rtt_ms.p95"] = [
+                per_round[f"models.{m}.{p}.req_s"] = [round(x.req_s, 3) for x in rounds]
+                per_round[f"models.{m}.{p}.rtt_ms.p95"] = [
                     (_pooled(x.rtt_ms) or {}).get("p95") for x in rounds
                 ]
             per_round[f"gain.{m}"] = [

@@ -54,6 +54,10 @@ class Heartbeat:
         self._queue_depth = queue_depth
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # One beat at a time: the loop beats from its thread while runtime.advertise() beats
+        # from a task's (load_model, unload_model), and the queue-depth count's broker
+        # connection is not thread-safe (two readers desync its frames and hang the child).
+        self._beating = threading.Lock()
 
     def capabilities(self) -> WorkerCapabilities:
         """This worker's record, measured now."""
@@ -95,10 +99,11 @@ class Heartbeat:
         )
 
     def beat(self) -> None:
-        try:
-            self.store.publish(self.capabilities(), ttl_s=2 * self.settings.heartbeat_s)
-        except Exception as e:
-            log.warning("capability heartbeat failed (will retry): %s", e)
+        with self._beating:
+            try:
+                self.store.publish(self.capabilities(), ttl_s=2 * self.settings.heartbeat_s)
+            except Exception as e:
+                log.warning("capability heartbeat failed (will retry): %s", e)
 
     def start(self) -> Heartbeat:
         self.beat()
