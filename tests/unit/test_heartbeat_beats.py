@@ -1,0 +1,55 @@
+"""The capability heartbeat beats one at a time, whoever calls it."""
+
+from __future__ import annotations
+
+import threading
+import time
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+
+from routing.capabilities import WorkerCapabilities
+from tasks.settings import Settings
+from tasks.worker.heartbeat import Heartbeat
+
+
+class _Store:
+    def __init__(self) -> None:
+        self.published: list[WorkerCapabilities] = []
+
+    def publish(self, caps: WorkerCapabilities, ttl_s: float) -> None:
+        self.published.append(caps)
+
+    def remove(self, name: str) -> None:
+        pass
+
+    def load(self) -> list[WorkerCapabilities]:
+        return list(self.published)
+
+
+def test_concurrent_beats_never_overlap() -> None:
+    # The loop beats from its thread while runtime.advertise() beats from a task's
+    # (load_model): the queue-depth count's broker connection must never be read by both.
+    inside, overlaps = [0], [0]
+    guard = threading.Lock()
+
+    def depth() -> int:
+        with guard:
+            inside[0] += 1
+            overlaps[0] += inside[0] > 1
+        time.sleep(0.01)  # a broker round trip
+        with guard:
+            inside[0] -= 1
+        return 0
+
+    cache: Any = SimpleNamespace(used_bytes=0, keys=lambda: [])
+    runtime: Any = SimpleNamespace(device=torch.device("cpu"), cache=cache)
+    store = _Store()
+    beat = Heartbeat("w@h", "cpu.direct.w", "cpu", Settings(), runtime, store, depth)
+    threads = [threading.Thread(target=beat.beat) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(store.published) == 8 and overlaps[0] == 0
