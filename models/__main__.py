@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     weights_dir = args.dir or Path(os.environ.get("INFER_WEIGHTS_DIR", "var/weights"))
-    catalog = discover(_repositories(), weights_dir)
+    catalog = discover(_repositories(), weights_dir, log_errors=False)  # printed below
     if args.command == "list":
         for entry in catalog.entries():
             spec = entry.default

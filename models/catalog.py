@@ -126,8 +126,12 @@ def discover(
     repositories: Sequence[Path] = (),
     weights_dir: Path = Path("var/weights"),
     use_entry_points: bool = True,
+    log_errors: bool = True,
 ) -> ModelCatalog:
-    """The catalog of every source (see the module); bad models are logged, not raised."""
+    """The catalog of every source (see the module); bad models are logged, not raised.
+
+    ``log_errors=False``: the caller reports :attr:`ModelCatalog.errors` itself.
+    """
     entries: list[ModelEntry] = []
     errors: list[ConfigurationError] = []
     for folder in repositories:
@@ -151,6 +155,8 @@ def discover(
                     ConfigurationError(f"entry point {name!r} ({ENTRY_POINT_GROUP}): {e}")
                 )
     catalog = ModelCatalog(entries, errors)
+    if not log_errors:
+        return catalog
     for error in catalog.errors:
         log.error("model not served: %s", error)
     for line in catalog.shadowed:

@@ -63,7 +63,7 @@ from models.errors import InferenceError
 from routing.queues import fallback_of, own_queue
 from tasks.app import app
 from tasks.wire.backend import registry_store
-from tasks.wire.catalog import check_preload
+from tasks.wire.catalog import check_preload, local_catalog
 from tasks.wire.codec import refuse_text_content
 from tasks.worker import metrics
 from tasks.worker.heartbeat import Heartbeat
@@ -126,13 +126,25 @@ def _announce(sender: str, instance: Any, **_: Any) -> None:
     settings = app.infer_settings
     line = f"[{sender}] device={settings.device} preload={','.join(settings.preload) or '-'}; {settings.describe()}"
     log.warning(line)  # WARNING so it shows at any log level
+    # Here, once Celery's logging is set up (the catalog is first read earlier, with the
+    # configuration): a model a source could not read is not served, and the others are.
+    catalog = local_catalog(settings)
+    log.warning(
+        "[%s] serving %s",
+        sender,
+        ", ".join(f"{e.name}@{e.default_version}" for e in catalog.entries()),
+    )
+    for error in catalog.errors:
+        log.error("model not served: %s", error)
+    for shadowed in catalog.shadowed:
+        log.warning("model %s", shadowed)
 
 
 @worker_init.connect
 def _preload_in_main(sender: Any = None, **_: Any) -> None:
     global _node, _own_queue
     try:
-        check_preload(app.infer_settings)  # and logs every model a source could not read
+        check_preload(app.infer_settings)
     except InferenceError as e:
         log.critical("worker not started: INFER_PRELOAD: %s", e)
         raise SystemExit(f"INFER_PRELOAD: {e}") from e

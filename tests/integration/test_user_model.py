@@ -108,6 +108,12 @@ def write_user_files(root: Path) -> None:
     (ghost / "1" / "model.safetensors").write_bytes(
         (root / "model-repo" / "tiny" / "1" / "model.safetensors").read_bytes()
     )
+    # A third whose model.toml is invalid: not served, and the others are.
+    broken = root / "model-repo" / "broken"
+    (broken / "1").mkdir(parents=True)
+    (broken / "model.toml").write_text(
+        doc_file("model-repo/tiny/model.toml").replace("shape = [8]", "shape = [8, 0]")
+    )
 
 
 @pytest.fixture(scope="module")
@@ -211,6 +217,17 @@ def test_a_bad_request_is_refused_before_publishing(
     assert good.get(timeout=30)["model"] == "tiny"
     assert published == [good.id]
     assert user.received() == received + 1
+
+
+def test_a_model_with_an_invalid_model_toml_is_not_served_and_the_others_are(
+    user: UserSetup, router: CapabilityRouter
+) -> None:
+    log = user.worker.logfile.read_text(errors="replace")
+    assert "model not served:" in log and "broken/model.toml: inputs.shape:" in log
+    with pytest.raises(UnknownModel, match="unknown model 'broken'"):
+        infer.apply_async(("broken", np.zeros(8, np.float32)))
+    assert "broken" not in router.registry.workers()[user.worker.hostname].models
+    assert infer.apply_async(("tiny", np.zeros(8, np.float32))).get(timeout=30)["model"] == "tiny"
 
 
 def test_a_builder_the_worker_cannot_import_is_a_typed_error(
