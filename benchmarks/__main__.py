@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         argv = ["--lanes", argv[0], *argv[1:]]
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     parser.add_argument(
-        "--quick", action="store_true", help="3 short rounds (under 3 minutes on 2 cores)"
+        "--quick", action="store_true", help="3 short rounds (a few minutes on 2 cores)"
     )
     parser.add_argument(
         "--json", type=Path, default=Path("var/bench/latest.json"), help="results file"

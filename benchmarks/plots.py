@@ -33,7 +33,8 @@ def write_plots(samples: dict[str, list[float]], lanes: dict[str, Any], stem: Pa
     ax.set_ylabel("fraction of requests")
     ax.set_title("Latency CDF per lane (all rounds pooled)")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+    if samples:  # a run of lanes without one-in-flight round trips (e.g. model_gain) has none
+        ax.legend()
     fig.tight_layout()
     fig.savefig(cdf_path, dpi=110)
     plt.close(fig)

