@@ -306,7 +306,7 @@ def _inputs(toml: _Toml, kind: str) -> dict[str, Any]:
     if kind == "torch" and kind_of == "text":
         raise toml.fail(
             "inputs.type",
-            'a torch model takes tensors (token ids, for a text model of your own); text with a '
+            "a torch model takes tensors (token ids, for a text model of your own); text with a "
             'tokenizer is a huggingface model: write kind = "huggingface"',
         )
     if kind_of == "text":

@@ -233,6 +233,11 @@ class Settings:
     max_wait_ms: float = setting(
         "INFER_MAX_WAIT_MS", 5.0, "default longest wait for a batch to fill, ms"
     )
+    batch_sizing: bool = setting(
+        "INFER_BATCH_SIZING",
+        True,
+        "cap each model's batches where its forward passes are cheapest per sample",
+    )
     queue_type: str = setting(
         "INFER_QUEUE_TYPE", "quorum", "task queues (classic: RabbitMQ < 3.10)", choices=QUEUE_TYPES
     )

@@ -78,6 +78,8 @@ class BatchAssembler(Generic[T]):
         queue = self._queues.get(key)
         if queue is None:
             queue = self._queues[key] = _Queue(policy)
+        else:
+            queue.policy = policy  # a key's limits may change (the batch sizer's cap)
         queue.items.append(Waiting(item, max(1, samples), now))
 
     def _due(self, queue: _Queue[T], now: float, in_flight: int) -> bool:

@@ -61,7 +61,7 @@ from tasks.wire.codec import display, encode
 from tasks.wire.request import check_dtype, infer_call
 from tasks.worker import result_pipeline
 
-__all__ = ["BatchItem", "Outcome", "reply", "run_batch"]
+__all__ = ["BatchItem", "Outcome", "Pass", "reply", "run_batch"]
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +69,8 @@ log = logging.getLogger(__name__)
 BatchItem = tuple[dict[str, Any], dict[str, Any], float]
 # Celery's trace result for one task: (failed, retval or ExceptionInfo, runtime in seconds)
 Outcome = tuple[int, Any, float]
+# One forward pass the batch made: (model@version, samples, compute ms), for the batch sizer
+Pass = tuple[str, int, float]
 
 
 @dataclass(eq=False)  # compared by identity: its fields hold arrays
@@ -135,8 +137,13 @@ def reply(
     }
 
 
-def run_batch(task_name: str, items: list[BatchItem], events: bool = True) -> list[Outcome]:
-    """Serve ``items`` (one pool job); one outcome per item, in order.
+def run_batch(
+    task_name: str, items: list[BatchItem], events: bool = True
+) -> tuple[list[Outcome], list[Pass]]:
+    """Serve ``items`` (one pool job); one outcome per item, in order, and the forward passes made.
+
+    The passes tell the main process's batch sizer (:mod:`tasks.worker.sizing`)
+    what each batch size costs per sample.
 
     ``events``: whether the main process sends task events now; without them
     no one reads a success's result text, so it is not made.
@@ -170,7 +177,8 @@ def run_batch(task_name: str, items: list[BatchItem], events: bool = True) -> li
 
     runtime = get_runtime()
     _check_each(live, runtime)
-    _forward_groups([r for r in live if r.error is None], runtime)
+    passes: list[Pass] = []
+    _forward_groups([r for r in live if r.error is None], runtime, passes)
     finished = time.time()
     for r in live:
         if r.error is None:
@@ -205,13 +213,13 @@ def run_batch(task_name: str, items: list[BatchItem], events: bool = True) -> li
         for r in live:
             outcomes[r.index] = (1, _einfo(Reject(str(e), requeue=True)), 0.0)
             _signal(task, r, signals.task_postrun, task_id=r.context.id, task=task, state=None)
-        return [o for o in outcomes if o is not None]
+        return [o for o in outcomes if o is not None], passes
 
     _release_blobs(live)
     runtime_s = time.time() - started
     for r in live:
         outcomes[r.index] = _finish(task, r, runtime_s, events)
-    return [o for o in outcomes if o is not None]
+    return [o for o in outcomes if o is not None], passes
 
 
 def _duplicates(task: Any, backend: Any, ids: list[str], pipelined: bool) -> set[str]:
@@ -278,7 +286,7 @@ def _release_blobs(requests: list[_Request]) -> None:
         log.warning("%d input blobs not deleted (%s): they expire with their TTL", len(refs), e)
 
 
-def _forward_groups(requests: list[_Request], runtime: Any) -> None:
+def _forward_groups(requests: list[_Request], runtime: Any, passes: list[Pass]) -> None:
     """One forward pass per key, split at the memory cap; a failing pass reruns one by one."""
     groups: dict[Hashable, list[_Request]] = {}
     for r in requests:
@@ -288,7 +296,7 @@ def _forward_groups(requests: list[_Request], runtime: Any) -> None:
     for group_key, group in groups.items():
         cap = runtime.memory_cap(group_key)
         for part in _split(group, cap):
-            _forward(group_key, part, runtime.forward_batch)
+            _forward(group_key, part, runtime.forward_batch, passes)
 
 
 def _split(group: list[_Request], cap: int | None) -> list[list[_Request]]:
@@ -310,6 +318,7 @@ def _forward(
     key: Hashable,
     part: list[_Request],
     forward_batch: Callable[[Hashable, Any], tuple[np.ndarray, float]],
+    passes: list[Pass],
 ) -> None:
     sizes = [len(r.inputs) for r in part if r.inputs is not None]
     batches = [r.inputs for r in part if r.inputs is not None]
@@ -328,8 +337,9 @@ def _forward(
             "a batch of %d for %s failed (%s); running them one by one", len(part), key, batch_error
         )
         for r in part:
-            _forward(key, [r], forward_batch)
+            _forward(key, [r], forward_batch, passes)
         return
+    passes.append((str(key[0]), len(stacked), compute_ms))  # type: ignore[index]
     offset = 0
     for r, n in zip(part, sizes, strict=True):
         r.outputs = outputs[offset : offset + n]

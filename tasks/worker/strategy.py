@@ -59,6 +59,7 @@ from tasks.wire.request import infer_call
 from tasks.worker.assembly import BatchAssembler, BatchPolicy
 from tasks.worker.batch_job import run_batch
 from tasks.worker.poison import deliveries
+from tasks.worker.sizing import BatchSizer
 
 __all__ = ["BatchingStrategy", "batch_key", "batching", "discard_waiting"]
 
@@ -165,11 +166,14 @@ class BatchingStrategy:
         # Reserved requests of this worker (Celery's worker state): ours and everyone else's.
         self.reserved: Any = worker_state.reserved_requests
         self._timer: Any = None
+        # Each model's most efficient batch size, learned from the child's forward passes.
+        self.sizer = BatchSizer(clock=clock) if self.settings.batch_sizing else None
 
     def policy(self, key: Hashable) -> BatchPolicy:
         spec = local_catalog(self.settings).resolve(key[0])  # type: ignore[index]
+        largest = spec.max_batch_size or self.settings.max_batch_size
         return BatchPolicy(
-            max_batch_size=spec.max_batch_size or self.settings.max_batch_size,
+            max_batch_size=largest if self.sizer is None else self.sizer.cap(spec.ref, largest),
             max_wait_ms=self.settings.max_wait_ms if spec.max_wait_ms is None else spec.max_wait_ms,
         )
 
@@ -256,11 +260,15 @@ class BatchingStrategy:
             for req in reqs:
                 req.on_timeout(soft, timeout)
 
-        def on_result(outcomes: list[Any]) -> None:
+        def on_result(result: tuple[list[Any], list[Any]]) -> None:
             if not release():
                 return
+            outcomes, passes = result
             for req, outcome in zip(reqs, outcomes, strict=True):
                 self._safely(req.on_success, req, outcome)
+            if self.sizer is not None:
+                for model, samples, compute_ms in passes:
+                    self.sizer.observe(model, samples, compute_ms)
             self.flush()
 
         def on_error(einfo: Any) -> None:

@@ -29,8 +29,8 @@ class Job:
     def ids(self) -> list[str]:
         return [request["id"] for request, _, _ in self.args[1]]
 
-    def finish(self, outcomes: list[Any] | None = None) -> None:
-        self.options["callback"](outcomes or [(0, "ok", 0.001)] * len(self.ids))
+    def finish(self, outcomes: list[Any] | None = None, passes: list[Any] | None = None) -> None:
+        self.options["callback"]((outcomes or [(0, "ok", 0.001)] * len(self.ids), passes or []))
 
 
 @dataclass
@@ -277,3 +277,31 @@ def test_a_full_batch_is_queued_behind_the_running_one() -> None:
     consumer.pool.jobs[0].finish()
     assert [j.ids for j in consumer.pool.jobs][2:] == [["t3", "t4", "t5"]]
     assert len(strategy.assembler) == 1
+
+
+def test_the_sizer_caps_a_model_whose_big_batches_are_dearer_per_sample() -> None:
+    strategy, consumer, _ = make(INFER_MAX_BATCH_SIZE="8")
+    strategy.collect(FakeRequest("alone", SAMPLE))
+    consumer.pool.jobs[0].finish(passes=[("mlp@1", 1, 1.0)])  # 1 ms for one sample
+    for i in range(9):
+        strategy.collect(FakeRequest(f"a{i}", SAMPLE))  # the first goes at once, 8 wait
+    consumer.pool.jobs[1].finish(passes=[("mlp@1", 1, 1.0)])
+    assert len(consumer.pool.jobs[2].ids) == 8  # not capped yet: a full batch
+    consumer.pool.jobs[2].finish(passes=[("mlp@1", 8, 8 * 3.0)])  # 3 ms a sample: dearer
+    for i in range(4):
+        strategy.collect(FakeRequest(f"b{i}", SAMPLE))
+    # Capped at 1: one request a batch (one computing, one queued behind it in the pool).
+    assert [len(j.ids) for j in consumer.pool.jobs[3:]] == [1, 1]
+    consumer.pool.jobs[3].finish()
+    assert [len(j.ids) for j in consumer.pool.jobs[3:]] == [1, 1, 1]
+
+
+def test_without_batch_sizing_the_models_limit_stands() -> None:
+    strategy, consumer, _ = make(INFER_MAX_BATCH_SIZE="8", INFER_BATCH_SIZING="false")
+    assert strategy.sizer is None
+    strategy.collect(FakeRequest("alone", SAMPLE))
+    consumer.pool.jobs[0].finish(passes=[("mlp@1", 1, 1.0)])
+    for i in range(9):
+        strategy.collect(FakeRequest(f"a{i}", SAMPLE))
+    consumer.pool.jobs[1].finish(passes=[("mlp@1", 8, 8 * 3.0)])
+    assert len(consumer.pool.jobs[2].ids) == 8

@@ -1,0 +1,76 @@
+"""The batch sizer: each model's cap, from its forward passes' compute time per sample."""
+
+from __future__ import annotations
+
+from tasks.worker.sizing import BatchSizer, size_bin
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_bins_are_powers_of_two() -> None:
+    assert [size_bin(n) for n in (0, 1, 2, 3, 4, 31, 32, 33, 64)] == [1, 1, 2, 2, 4, 16, 32, 32, 64]
+
+
+def test_a_model_whose_batches_get_cheaper_per_sample_is_never_capped() -> None:
+    sizer = BatchSizer(clock=Clock())
+    assert sizer.cap("minilm@1", 64) == 64  # nothing observed yet
+    sizer.observe("minilm@1", 1, 14.0)  # 14 ms a sentence alone
+    sizer.observe("minilm@1", 64, 64 * 5.8)  # 5.8 ms a sentence in a batch of 64
+    assert sizer.cap("minilm@1", 64) == 64
+    sizer.observe("minilm@1", 8, 8 * 7.0)
+    assert sizer.cap("minilm@1", 64) == 64  # the largest size is the cheapest: no cap
+
+
+def test_a_model_whose_batches_get_dearer_is_capped_where_it_is_cheapest() -> None:
+    # ResNet-50 on one CPU thread, measured in process: 121 ms an image alone, 178 in a batch of 32.
+    sizer = BatchSizer(clock=Clock())
+    sizer.observe("resnet50@1", 1, 121.0)
+    sizer.observe("resnet50@1", 32, 32 * 178.0)
+    assert sizer.cap("resnet50@1", 32) == 1
+    sizer.observe("resnet50@1", 4, 4 * 125.0)  # within 10% of the best: still worth it
+    assert sizer.cap("resnet50@1", 32) == 4
+    assert sizer.cap("resnet50@1", 2) == 2  # never above the model's own limit
+    assert sizer.cap("mlp@1", 32) == 32  # each model on its own
+
+
+def test_a_capped_model_is_measured_again_at_full_size_now_and_then() -> None:
+    clock = Clock()
+    sizer = BatchSizer(explore_s=60.0, explore_window_s=10.0, clock=clock)
+    sizer.observe("m@1", 1, 100.0)
+    sizer.observe("m@1", 16, 16 * 150.0)
+    assert sizer.cap("m@1", 16) == 1
+    clock.t += 59.0
+    assert sizer.cap("m@1", 16) == 1
+    clock.t += 2.0  # a minute after the cap: lifted until a big pass is observed
+    assert sizer.cap("m@1", 16) == 16
+    assert sizer.cap("m@1", 16) == 16
+    sizer.observe("m@1", 16, 16 * 90.0)  # conditions changed: big batches pay now
+    assert sizer.cap("m@1", 16) == 1  # the big pass is in: capped again (average 132 ms)
+    for _ in range(3):  # 119.4, 110.6, 104.4 ms: within 10% of batch 1's 100
+        sizer.observe("m@1", 16, 16 * 90.0)
+    assert sizer.cap("m@1", 16) == 16  # the moving average came within reach: no cap
+
+
+def test_an_exploration_with_no_big_pass_ends_after_its_window() -> None:
+    clock = Clock()
+    sizer = BatchSizer(explore_s=60.0, explore_window_s=10.0, clock=clock)
+    sizer.observe("m@1", 1, 100.0)
+    sizer.observe("m@1", 16, 16 * 150.0)
+    clock.t += 61.0
+    assert sizer.cap("m@1", 16) == 16  # exploring
+    clock.t += 11.0  # too few requests came to form a big batch: the window closes
+    assert sizer.cap("m@1", 16) == 1
+
+
+def test_nonsense_passes_are_ignored() -> None:
+    sizer = BatchSizer(clock=Clock())
+    sizer.observe("m@1", 0, 10.0)
+    sizer.observe("m@1", 4, 0.0)
+    sizer.observe("m@1", 1, 10.0)
+    assert sizer.cap("m@1", 8) == 8  # one size observed: nothing to compare yet
