@@ -17,8 +17,12 @@ cheaper per sample (minilm, any model on a GPU) keeps its full batches, and
 one whose batches get dearer is capped where it is fastest.
 
 Conditions change (another model loaded, other load on the host), so a capped
-model is re-measured: every ``explore_s`` the cap is lifted until a pass
+model probes one size up: every ``explore_s`` its cap doubles until a pass
 bigger than the cap has been observed (or ``explore_window_s`` has passed).
+A probe that proves as cheap raises the cap, and the next probe goes one size
+further; one that does not costs a single slightly dearer batch.  (Probing at
+full size instead cost ResNet-50 two batches of 32 a minute, 5.5 s each: its
+gain was 0.93 with full-size probes.)
 
 Pure and clock-driven (the unit tests drive time by hand); it runs in the
 worker's main process, which never touches the device.
@@ -104,10 +108,9 @@ class BatchSizer:
         if m is None or m.cap is None:
             return max_batch_size
         now = self.clock()
-        if now < m.explore_until:
-            return max_batch_size
         if now >= m.next_explore:
             m.explore_until = now + self.explore_window_s
             m.next_explore = now + self.explore_s
-            return max_batch_size
+        if now < m.explore_until:
+            return min(2 * m.cap, max_batch_size)  # probe one size up
         return min(m.cap, max_batch_size)

@@ -39,7 +39,7 @@ def test_a_model_whose_batches_get_dearer_is_capped_where_it_is_cheapest() -> No
     assert sizer.cap("mlp@1", 32) == 32  # each model on its own
 
 
-def test_a_capped_model_is_measured_again_at_full_size_now_and_then() -> None:
+def test_a_capped_model_probes_one_size_up_now_and_then() -> None:
     clock = Clock()
     sizer = BatchSizer(explore_s=60.0, explore_window_s=10.0, clock=clock)
     sizer.observe("m@1", 1, 100.0)
@@ -47,14 +47,20 @@ def test_a_capped_model_is_measured_again_at_full_size_now_and_then() -> None:
     assert sizer.cap("m@1", 16) == 1
     clock.t += 59.0
     assert sizer.cap("m@1", 16) == 1
-    clock.t += 2.0  # a minute after the cap: lifted until a big pass is observed
-    assert sizer.cap("m@1", 16) == 16
-    assert sizer.cap("m@1", 16) == 16
+    clock.t += 2.0  # a minute after the cap: one size up, until a pass that big is observed
+    assert sizer.cap("m@1", 16) == 2
+    assert sizer.cap("m@1", 16) == 2
+    sizer.observe("m@1", 2, 2 * 104.0)  # as cheap as batch 1 (within 10%): the cap grows
+    assert sizer.cap("m@1", 16) == 2
+    clock.t += 61.0
+    assert sizer.cap("m@1", 16) == 4  # the next probe goes one size further
+    sizer.observe("m@1", 4, 4 * 140.0)  # dearer: the cap stays at 2
+    assert sizer.cap("m@1", 16) == 2
     sizer.observe("m@1", 16, 16 * 90.0)  # conditions changed: big batches pay now
-    assert sizer.cap("m@1", 16) == 1  # the big pass is in: capped again (average 132 ms)
-    for _ in range(3):  # 119.4, 110.6, 104.4 ms: within 10% of batch 1's 100
+    assert sizer.cap("m@1", 16) == 2  # one big pass: its average is 132 ms
+    for _ in range(3):  # 119.4, 110.6, 104.4 ms: within 10% of the best (100)
         sizer.observe("m@1", 16, 16 * 90.0)
-    assert sizer.cap("m@1", 16) == 16  # the moving average came within reach: no cap
+    assert sizer.cap("m@1", 16) == 16  # the largest size is within reach: no cap
 
 
 def test_an_exploration_with_no_big_pass_ends_after_its_window() -> None:
@@ -63,8 +69,8 @@ def test_an_exploration_with_no_big_pass_ends_after_its_window() -> None:
     sizer.observe("m@1", 1, 100.0)
     sizer.observe("m@1", 16, 16 * 150.0)
     clock.t += 61.0
-    assert sizer.cap("m@1", 16) == 16  # exploring
-    clock.t += 11.0  # too few requests came to form a big batch: the window closes
+    assert sizer.cap("m@1", 16) == 2  # probing
+    clock.t += 11.0  # too few requests came to form a batch of 2: the window closes
     assert sizer.cap("m@1", 16) == 1
 
 
