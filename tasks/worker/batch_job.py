@@ -69,8 +69,9 @@ log = logging.getLogger(__name__)
 BatchItem = tuple[dict[str, Any], dict[str, Any], float]
 # Celery's trace result for one task: (failed, retval or ExceptionInfo, runtime in seconds)
 Outcome = tuple[int, Any, float]
-# One forward pass the batch made: (model@version, samples, compute ms), for the batch sizer
-Pass = tuple[str, int, float]
+# One forward pass the batch made, for the batch sizer: (model@version, samples, compute ms,
+# the size of one sample: its elements, or a text batch's padded length in tokens)
+Pass = tuple[str, int, float, int]
 
 
 @dataclass(eq=False)  # compared by identity: its fields hold arrays
@@ -339,7 +340,12 @@ def _forward(
         for r in part:
             _forward(key, [r], forward_batch, passes)
         return
-    passes.append((str(key[0]), len(stacked), compute_ms))  # type: ignore[index]
+    size = (
+        int(np.prod(stacked.shape[1:]))
+        if isinstance(stacked, np.ndarray)
+        else max(len(row) for row in stacked)
+    )
+    passes.append((str(key[0]), len(stacked), compute_ms, max(1, size)))  # type: ignore[index]
     offset = 0
     for r, n in zip(part, sizes, strict=True):
         r.outputs = outputs[offset : offset + n]

@@ -7,9 +7,17 @@ in process): batching to 32 made its worker 20% slower than batch 1
 (``model_gain`` lane, ``cpu-2026-12-06-models.json``).  So the batching
 strategy asks :class:`BatchSizer` for each model's cap.
 
-The pool child reports every forward pass (model, samples, compute ms).  The
-sizer keeps, per model and power-of-two batch size (1, 2, 4, ...), a moving
-average of the compute time per sample.  The cap is the largest observed
+The pool child reports every forward pass (model, samples, compute ms, and
+the size of one sample: its elements, or a text batch's padded length in
+tokens).  The sizer keeps, per model and power-of-two batch size (1, 2, 4,
+...), a moving average of the cost per sample: the pass's compute time plus
+``pass_overhead_ms`` (what one pool job costs besides its forward pass: a
+batch of one pays it alone, a batch of 32 shares it), over the samples, per
+unit of sample size.  So a tiny model whose compute is noise next to that
+overhead is never capped (the overhead is what batching saves it), and text
+passes of short and long sentences compare per token, not per sentence: a
+batch of four padded to 45 tokens is not "dearer per sample" than one
+sentence of 8.  The cap is the largest observed
 size within ``tolerance`` of the best per-sample time; when that is the
 largest size observed so far, bigger batches have not been shown to be worse,
 and the cap is the model's ``max_batch_size``.  So a model whose batches get
@@ -60,23 +68,26 @@ class BatchSizer:
         self,
         tolerance: float = 0.1,
         alpha: float = 0.3,
+        pass_overhead_ms: float = 2.0,
         explore_s: float = 60.0,
         explore_window_s: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.tolerance = tolerance
         self.alpha = alpha
+        self.pass_overhead_ms = pass_overhead_ms
         self.explore_s = explore_s
         self.explore_window_s = explore_window_s
         self.clock = clock
         self._models: dict[str, _Model] = {}
 
-    def observe(self, model: str, samples: int, compute_ms: float) -> None:
-        """One forward pass of ``model`` over ``samples`` samples took ``compute_ms``."""
-        if samples < 1 or compute_ms <= 0:
+    def observe(self, model: str, samples: int, compute_ms: float, sample_size: int = 1) -> None:
+        """One forward pass of ``model`` over ``samples`` samples of ``sample_size`` took ``compute_ms``."""
+        if samples < 1 or compute_ms <= 0 or sample_size < 1:
             return
         m = self._models.setdefault(model, _Model())
-        b, per_sample = size_bin(samples), compute_ms / samples
+        b = size_bin(samples)
+        per_sample = (compute_ms + self.pass_overhead_ms) / samples / sample_size
         old = m.per_sample_ms.get(b)
         m.per_sample_ms[b] = per_sample if old is None else old + self.alpha * (per_sample - old)
         if m.cap is not None and b > m.cap:
@@ -85,7 +96,7 @@ class BatchSizer:
         if cap != m.cap:
             shown = ", ".join(f"{k}: {v:.2f}" for k, v in sorted(m.per_sample_ms.items()))
             log.info(
-                "model %s: batches %s (compute ms per sample by batch size: %s)",
+                "model %s: batches %s (cost per sample by batch size: %s)",
                 model,
                 "not capped" if cap is None else f"capped at {cap}",
                 shown,

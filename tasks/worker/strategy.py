@@ -267,8 +267,8 @@ class BatchingStrategy:
             for req, outcome in zip(reqs, outcomes, strict=True):
                 self._safely(req.on_success, req, outcome)
             if self.sizer is not None:
-                for model, samples, compute_ms in passes:
-                    self.sizer.observe(model, samples, compute_ms)
+                for model, samples, compute_ms, size in passes:
+                    self.sizer.observe(model, samples, compute_ms, size)
             self.flush()
 
         def on_error(einfo: Any) -> None:

@@ -139,6 +139,13 @@ def test_a_chord_whose_header_was_batched_runs_its_body_once(
     assert result.get(timeout=60)["count"] == 12
     parts = [r.get(timeout=10) for r in result.parent.results]
     assert max(p["forward_batch"] for p in parts) > 1  # the header parts shared passes
+    # The worker logs the success just after storing the result the get() above read.
+    eventually(
+        lambda: f"tasks.diag.count[{result.id}] succeeded" in batching_worker.log_tail(2000),
+        timeout=10,
+        what="the chord body's success in the worker's log",
+    )
+    time.sleep(0.5)  # a second run, were there one, would follow at once
     ran = re.findall(
         rf"tasks\.diag\.count\[{result.id}\] succeeded", batching_worker.log_tail(2000)
     )

@@ -80,3 +80,24 @@ def test_nonsense_passes_are_ignored() -> None:
     sizer.observe("m@1", 4, 0.0)
     sizer.observe("m@1", 1, 10.0)
     assert sizer.cap("m@1", 8) == 8  # one size observed: nothing to compare yet
+
+
+def test_a_tiny_model_is_never_capped_by_noise_the_pass_overhead_dwarfs() -> None:
+    sizer = BatchSizer(clock=Clock())  # 2 ms a pass besides its forward pass
+    sizer.observe("mlp@1", 1, 0.05, 64)
+    sizer.observe("mlp@1", 32, 32 * 0.08, 64)  # 60% dearer per sample in compute alone
+    assert sizer.cap("mlp@1", 32) == 32  # but a pass of 32 shares the 2 ms: far cheaper
+
+
+def test_text_passes_compare_per_token_not_per_sentence() -> None:
+    # One 8-token sentence alone, then four sentences padded to 64 tokens: dearer per sentence
+    # (12 ms against 20.5 with the pass overhead), cheaper per token (1.5 against 0.32). Compared
+    # per sentence, the worker of tests/integration/test_real_models.py capped minilm at 1.
+    sizer = BatchSizer(clock=Clock())
+    sizer.observe("minilm@1", 1, 10.0, 8)
+    sizer.observe("minilm@1", 4, 80.0, 64)
+    assert sizer.cap("minilm@1", 64) == 64
+    per_sentence = BatchSizer(clock=Clock())  # the same passes, sizes ignored
+    per_sentence.observe("minilm@1", 1, 10.0)
+    per_sentence.observe("minilm@1", 4, 80.0)
+    assert per_sentence.cap("minilm@1", 64) == 1

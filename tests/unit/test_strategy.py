@@ -282,12 +282,12 @@ def test_a_full_batch_is_queued_behind_the_running_one() -> None:
 def test_the_sizer_caps_a_model_whose_big_batches_are_dearer_per_sample() -> None:
     strategy, consumer, _ = make(INFER_MAX_BATCH_SIZE="8")
     strategy.collect(FakeRequest("alone", SAMPLE))
-    consumer.pool.jobs[0].finish(passes=[("mlp@1", 1, 1.0)])  # 1 ms for one sample
+    consumer.pool.jobs[0].finish(passes=[("mlp@1", 1, 10.0, 64)])  # 10 ms for one sample
     for i in range(9):
         strategy.collect(FakeRequest(f"a{i}", SAMPLE))  # the first goes at once, 8 wait
-    consumer.pool.jobs[1].finish(passes=[("mlp@1", 1, 1.0)])
+    consumer.pool.jobs[1].finish(passes=[("mlp@1", 1, 10.0, 64)])
     assert len(consumer.pool.jobs[2].ids) == 8  # not capped yet: a full batch
-    consumer.pool.jobs[2].finish(passes=[("mlp@1", 8, 8 * 3.0)])  # 3 ms a sample: dearer
+    consumer.pool.jobs[2].finish(passes=[("mlp@1", 8, 8 * 30.0, 64)])  # 30 ms a sample: dearer
     for i in range(4):
         strategy.collect(FakeRequest(f"b{i}", SAMPLE))
     # Capped at 1: one request a batch (one computing, one queued behind it in the pool).
@@ -300,8 +300,8 @@ def test_without_batch_sizing_the_models_limit_stands() -> None:
     strategy, consumer, _ = make(INFER_MAX_BATCH_SIZE="8", INFER_BATCH_SIZING="false")
     assert strategy.sizer is None
     strategy.collect(FakeRequest("alone", SAMPLE))
-    consumer.pool.jobs[0].finish(passes=[("mlp@1", 1, 1.0)])
+    consumer.pool.jobs[0].finish(passes=[("mlp@1", 1, 10.0, 64)])
     for i in range(9):
         strategy.collect(FakeRequest(f"a{i}", SAMPLE))
-    consumer.pool.jobs[1].finish(passes=[("mlp@1", 8, 8 * 3.0)])
+    consumer.pool.jobs[1].finish(passes=[("mlp@1", 8, 8 * 30.0, 64)])
     assert len(consumer.pool.jobs[2].ids) == 8
