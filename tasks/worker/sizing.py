@@ -4,7 +4,7 @@ A bigger batch is not always faster per sample.  On a GPU it is, up to the
 device's width.  On one CPU thread a compute-bound CNN gets slower per sample
 as the batch grows (ResNet-50 here: 8.3 images/s at batch 1, 5.6 at batch 32,
 in process): batching to 32 made its worker 20% slower than batch 1
-(``model_gain`` lane, ``cpu-2026-12-06-models.json``).  So the batching
+(``model_gain`` lane, ``cpu-2026-12-06-models-before-sizer.json``).  So the batching
 strategy asks :class:`BatchSizer` for each model's cap.
 
 The pool child reports every forward pass (model, samples, compute ms, and
@@ -94,7 +94,7 @@ class BatchSizer:
             m.explore_until = 0.0  # the exploring pass is in: decide again
         cap = self._decide(m)
         if cap != m.cap:
-            shown = ", ".join(f"{k}: {v:.2f}" for k, v in sorted(m.per_sample_ms.items()))
+            shown = ", ".join(f"{k}: {v:.3g}" for k, v in sorted(m.per_sample_ms.items()))
             log.info(
                 "model %s: batches %s (cost per sample by batch size: %s)",
                 model,
