@@ -78,10 +78,10 @@ def requirements_for(
     if name != "tasks.infer":
         return TaskRequirements()  # any live worker
     call = infer_call(args, kwargs)
-    specs = specs or _local_specs()
-    requirements = call_requirements(call.model, call.dtype, specs)
-    if specs(call.model).text is not None and not blobs_reference(call.inputs):
-        check_text(specs(call.model), call.inputs, max_payload_bytes)  # strings: cheap to check
+    spec = (specs or _local_specs())(call.model)  # UnknownModel: refused before publishing
+    requirements = _requirements(spec, call.model, call.dtype)
+    if spec.text is not None and not blobs_reference(call.inputs):
+        check_text(spec, call.inputs, max_payload_bytes)  # strings: cheap to check
     else:
         refuse_oversized(call.inputs, max_payload_bytes)
     return requirements
@@ -96,7 +96,11 @@ def call_requirements(
     call pins it: an unpinned request goes to any worker serving the model,
     which answers with its default version.
     """
-    spec = (specs or _local_specs())(model)  # UnknownModel: refused before publishing
+    return _requirements((specs or _local_specs())(model), model, dtype)
+
+
+def _requirements(spec: ModelSpec, model: object, dtype: object) -> TaskRequirements:
+    """The requirements of a call whose model (``model``, as the caller named it) is ``spec``."""
     check_dtype(dtype)
     _, version = parse_ref(model)
     return TaskRequirements(

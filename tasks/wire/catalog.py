@@ -63,13 +63,8 @@ def advertised(catalog: ModelCatalog) -> dict[str, dict[str, object]]:
     }
 
 
-def check_preload(settings: Settings) -> ModelCatalog:
-    """Refuse an ``INFER_PRELOAD`` entry no local source knows (UnknownModel names the choices).
-
-    Returns the catalog, whose ``errors`` (models a source could not read) the
-    worker logs once its logging is set up.
-    """
+def check_preload(settings: Settings) -> None:
+    """Refuse an ``INFER_PRELOAD`` entry no local source knows (UnknownModel names the choices)."""
     catalog = local_catalog(settings)
     for model in settings.preload:
         catalog.resolve(model)
-    return catalog

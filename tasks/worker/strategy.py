@@ -168,13 +168,22 @@ class BatchingStrategy:
         self._timer: Any = None
         # Each model's most efficient batch size, learned from the child's forward passes.
         self.sizer = BatchSizer(clock=clock) if self.settings.batch_sizing else None
+        self._limits: dict[str, tuple[int, float]] = {}  # name@version -> (max batch, max wait ms)
 
     def policy(self, key: Hashable) -> BatchPolicy:
-        spec = local_catalog(self.settings).resolve(key[0])  # type: ignore[index]
-        largest = spec.max_batch_size or self.settings.max_batch_size
+        """The key's limits, asked on every arrival (the batch sizer's cap may have moved)."""
+        ref: str = key[0]  # type: ignore[index]
+        limits = self._limits.get(ref)
+        if limits is None:  # a name@version's spec never changes: read it once
+            spec = local_catalog(self.settings).resolve(ref)
+            limits = self._limits[ref] = (
+                spec.max_batch_size or self.settings.max_batch_size,
+                self.settings.max_wait_ms if spec.max_wait_ms is None else spec.max_wait_ms,
+            )
+        largest, wait_ms = limits
         return BatchPolicy(
-            max_batch_size=largest if self.sizer is None else self.sizer.cap(spec.ref, largest),
-            max_wait_ms=self.settings.max_wait_ms if spec.max_wait_ms is None else spec.max_wait_ms,
+            max_batch_size=largest if self.sizer is None else self.sizer.cap(ref, largest),
+            max_wait_ms=wait_ms,
         )
 
     # -- arrival ---------------------------------------------------------------------------------
