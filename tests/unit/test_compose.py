@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import re
 import signal
@@ -13,7 +15,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tasks.settings import Settings
+from tasks.settings import Settings, declared
 from tasks.worker.command import worker_argv
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -23,6 +25,16 @@ WORKERS = {
     "worker-cpu": ("cpu0", "cpu", None),
 }
 
+# Profile clustered: three RabbitMQ nodes, and the single-node services each clustered one mirrors.
+CLUSTER_NODES = ("rabbitmq-1", "rabbitmq-2", "rabbitmq-3")
+CLUSTERED = {
+    "worker-gpu0-clustered": "worker-gpu0",
+    "worker-gpu1-clustered": "worker-gpu1",
+    "worker-cpu-clustered": "worker-cpu",
+    "flower-clustered": "flower",
+}
+CLUSTER_CONF = ROOT / "deploy" / "rabbitmq" / "cluster.conf"
+
 
 @pytest.fixture(scope="module")
 def compose() -> dict[str, Any]:
@@ -30,7 +42,9 @@ def compose() -> dict[str, Any]:
 
 
 def test_services_present(compose: dict[str, Any]) -> None:
-    assert set(compose["services"]) == {"rabbitmq", "redis", "flower", "prometheus", *WORKERS}
+    assert set(compose["services"]) == {
+        "rabbitmq", "redis", "flower", "prometheus", *WORKERS, *CLUSTER_NODES, *CLUSTERED
+    }  # fmt: skip
 
 
 def test_images_pinned(compose: dict[str, Any]) -> None:
@@ -348,3 +362,353 @@ def test_prometheus_is_optional_and_scrapes_flower_and_every_worker(
         assert f"{service}:{env.metrics_port}" in jobs["inference-workers"]
         assert "9808" not in str(compose["services"][service].get("ports", []))  # not on the host
     assert len(jobs["inference-workers"]) == len(WORKERS)
+
+
+# Profile clustered: three RabbitMQ nodes (deploy/rabbitmq/), and the workers and Flower on them.
+
+
+def _resolved(env: dict[str, Any]) -> dict[str, str]:
+    """A service's environment with placeholder secrets, as Settings would read it."""
+    return {k: re.sub(r"\$\{[^}]+\}", "x", str(v)) for k, v in env.items()}
+
+
+def _cluster_conf() -> list[tuple[str, str]]:
+    """deploy/rabbitmq/cluster.conf as (key, value) pairs, in order (sysctl format)."""
+    pairs = []
+    for line in CLUSTER_CONF.read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            key, value = line.split("=", 1)
+            pairs.append((key.strip(), value.strip()))
+    return pairs
+
+
+def _mounts(svc: dict[str, Any]) -> dict[str, str]:
+    return {c["source"]: c["target"] for c in svc.get("configs", [])}
+
+
+def _profile(compose: dict[str, Any], profile: str) -> set[str]:
+    return {n for n, s in compose["services"].items() if profile in s.get("profiles", [])}
+
+
+def test_default_stack_is_unchanged_by_the_clustered_profile(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    default = {name for name, svc in services.items() if "profiles" not in svc}
+    assert default == {"rabbitmq", "redis", "flower", *WORKERS}
+    assert _profile(compose, "clustered") == {*CLUSTER_NODES, *CLUSTERED}
+    for name in _profile(compose, "clustered"):
+        assert services[name]["profiles"] == ["clustered"], name
+    for name in default:  # nothing `docker compose up` starts needs or mounts the profile's parts
+        assert set(services[name].get("depends_on", {})) <= default, name
+        assert "secrets" not in services[name], name
+        assert not {"rabbitmq_cluster_conf", "rabbitmq_cookie_entrypoint"} & set(
+            _mounts(services[name])
+        ), name
+
+
+def test_cluster_has_three_nodes_with_their_own_hostname_and_volume(
+    compose: dict[str, Any],
+) -> None:
+    services = compose["services"]
+    single = services["rabbitmq"]
+    hostnames, volumes, host_ports = set(), set(), set()
+    for name in CLUSTER_NODES:
+        node = services[name]
+        assert node["image"] == single["image"], name  # the same RabbitMQ as the single node
+        assert node["hostname"] == name  # the Docker DNS name of the service, and stable
+        assert node["environment"]["RABBITMQ_NODENAME"] == f"rabbit@{name}"
+        assert node["init"] is True
+        (volume,) = node["volumes"]
+        source, target = volume.split(":")
+        assert target == "/var/lib/rabbitmq" and source in compose["volumes"], name
+        hostnames.add(node["hostname"])
+        volumes.add(source)
+        for port in node["ports"]:
+            assert port.startswith("127.0.0.1:"), (name, port)  # never on every interface
+            host_ports.add(port.split(":")[1])
+    assert len(hostnames) == len(volumes) == 3
+    assert "rabbitmq-data" not in volumes  # the single node's data stays its own
+    assert {p.split(":")[1] for p in services["rabbitmq-1"]["ports"]} == {"5672", "15672"}
+    assert len(host_ports) == 4  # 5672 to 5674 for AMQP, 15672 for the management UI
+
+
+def test_cluster_config_lists_exactly_the_three_nodes_and_pauses_a_minority(
+    compose: dict[str, Any],
+) -> None:
+    conf = _cluster_conf()
+    keys = [key for key, _ in conf]
+    assert len(keys) == len(set(keys)), "a key is set twice"
+    settings = dict(conf)
+    assert settings["cluster_formation.peer_discovery_backend"] == "classic_config"
+    listed = {v for k, v in conf if k.startswith("cluster_formation.classic_config.nodes.")}
+    node_names = {compose["services"][n]["environment"]["RABBITMQ_NODENAME"] for n in CLUSTER_NODES}
+    assert listed == node_names == {f"rabbit@{n}" for n in CLUSTER_NODES}
+    assert len([k for k in keys if k.startswith("cluster_formation.classic_config.nodes.")]) == 3
+    assert settings["cluster_partition_handling"] == "pause_minority"
+    # Mounted on every node, beside the single node's consumer_timeout, in conf.d's order.
+    assert compose["configs"]["rabbitmq_cluster_conf"] == {"file": "./deploy/rabbitmq/cluster.conf"}
+    single = _mounts(compose["services"]["rabbitmq"])
+    for name in CLUSTER_NODES:
+        mounts = _mounts(compose["services"][name])
+        assert mounts["rabbitmq_conf"] == single["rabbitmq_conf"], name
+        target = mounts["rabbitmq_cluster_conf"]
+        assert target.startswith("/etc/rabbitmq/conf.d/") and target.endswith(".conf"), name
+        assert Path(target).name > Path(mounts["rabbitmq_conf"]).name, name
+    for name, config in compose["configs"].items():
+        if "file" in config:
+            assert (ROOT / config["file"]).is_file(), name
+
+
+def test_nodes_share_an_erlang_cookie_from_a_secret_file_not_the_environment(
+    compose: dict[str, Any],
+) -> None:
+    secret = compose["secrets"]["rabbitmq_erlang_cookie"]
+    assert secret == {"file": "./deploy/rabbitmq/erlang.cookie"}
+    # A secret: never committed (git ignores it), never in the environment.
+    assert "erlang.cookie" in (ROOT / "deploy" / "rabbitmq" / ".gitignore").read_text().split()
+    subprocess.run(
+        ["git", "-C", str(ROOT), "check-ignore", "-q", "deploy/rabbitmq/erlang.cookie"], check=True
+    )
+    assert "ERLANG_COOKIE" not in (ROOT / "compose.yaml").read_text()
+    assert "setcookie" not in (ROOT / "compose.yaml").read_text()
+    services = compose["services"]
+    for name in CLUSTER_NODES:
+        node = services[name]
+        assert node["secrets"] == ["rabbitmq_erlang_cookie"], name
+        mounts = _mounts(node)
+        # sh cookie-entrypoint.sh SECRET COMMAND...: the secret where compose mounts it.
+        assert node["entrypoint"][:3] == [
+            "sh",
+            mounts["rabbitmq_cookie_entrypoint"],
+            "/run/secrets/rabbitmq_erlang_cookie",
+        ], name
+    single = services["rabbitmq"]
+    # rabbitmq-1 provisions the (cluster-wide) users as the single node does; the others
+    # start the server as the image would.
+    assert services["rabbitmq-1"]["entrypoint"][3:] == single["entrypoint"]
+    assert {
+        k: v for k, v in _mounts(services["rabbitmq-1"]).items() if k in _mounts(single)
+    } == _mounts(single)
+    for name in CLUSTER_NODES[1:]:
+        assert services[name]["entrypoint"][3:] == ["docker-entrypoint.sh", "rabbitmq-server"]
+        assert "rabbitmq_provision" not in _mounts(services[name])
+    assert compose["configs"]["rabbitmq_cookie_entrypoint"] == {
+        "file": "./deploy/rabbitmq/cookie-entrypoint.sh"
+    }
+
+
+def _run_cookie_entrypoint(tmp_path: Path, cookie: str | None) -> tuple[int, str, Path]:
+    home = tmp_path / "home"
+    home.mkdir()
+    secret = tmp_path / "secret"
+    if cookie is not None:
+        secret.write_text(cookie)
+    out = subprocess.run(
+        [
+            "sh",
+            str(ROOT / "deploy" / "rabbitmq" / "cookie-entrypoint.sh"),
+            str(secret),
+            "sh",
+            "-c",
+            'echo "$@" > "$HOME/ran"',
+            "sh",
+            "rabbitmq-server",
+        ],
+        env={"PATH": os.environ["PATH"], "HOME": str(home)},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    return out.returncode, out.stderr, home
+
+
+def test_cookie_entrypoint_installs_the_cookie_owner_only_then_runs_the_command(
+    tmp_path: Path,
+) -> None:
+    cookie = "0f" * 32
+    rc, err, home = _run_cookie_entrypoint(tmp_path, cookie + "\n")
+    assert rc == 0, err
+    installed = home / ".erlang.cookie"
+    assert installed.read_text() == cookie
+    assert installed.stat().st_mode & 0o777 == 0o400  # Erlang refuses a cookie others can read
+    assert (home / "ran").read_text() == "rabbitmq-server\n"  # the command, with its arguments
+    assert not list(home.glob("*.new"))
+
+
+@pytest.mark.parametrize(
+    ("case", "cookie", "says"),
+    [
+        ("missing", None, "openssl rand -hex 32 > deploy/rabbitmq/erlang.cookie"),
+        ("short", "tooshort\n", "at least 20"),
+        ("two words", "abcdefghij klmnopqrstuvwxyz", "one word"),
+    ],
+)
+def test_cookie_entrypoint_refuses_a_missing_or_weak_cookie(
+    tmp_path: Path, case: str, cookie: str | None, says: str
+) -> None:
+    rc, err, home = _run_cookie_entrypoint(tmp_path, cookie)
+    assert rc == 1, case
+    assert says in err, err
+    assert not (home / "ran").exists() and not (home / ".erlang.cookie").exists()
+
+
+FAKE_DIAGNOSTICS = """#!/bin/sh
+# Stands in for rabbitmq-diagnostics: the port check exits $PORT_RC, cluster_status prints $STATUS.
+case "$*" in
+  *check_port_connectivity*) exit "$PORT_RC" ;;
+  *"cluster_status --formatter json"*) printf '%s\\n' "$STATUS" ;;
+  *) echo "unexpected: $*" >&2; exit 64 ;;
+esac
+"""
+
+
+def _status(*members: str, down: tuple[str, ...] = ()) -> str:
+    """What `rabbitmq-diagnostics cluster_status --formatter json` says, in part."""
+    nodes = [f"rabbit@{m}" for m in members]
+    running = [node for node in nodes if node.split("@")[1] not in down]
+    return json.dumps(
+        {
+            "cluster_name": "inference",
+            "disk_nodes": nodes,
+            "running_nodes": running,
+            "listeners": {node: [] for node in running},
+            "partitions": {},
+        }
+    )
+
+
+@pytest.mark.parametrize(
+    ("case", "port_rc", "status", "healthy"),
+    [
+        ("one cluster of three", 0, _status(*CLUSTER_NODES), True),
+        ("a peer down is still a member", 0, _status(*CLUSTER_NODES, down=("rabbitmq-3",)), True),
+        ("formed a cluster of its own", 0, _status("rabbitmq-2"), False),
+        ("one peer missing", 0, _status("rabbitmq-1", "rabbitmq-2"), False),
+        ("AMQP port closed", 1, _status(*CLUSTER_NODES), False),
+    ],
+)
+def test_cluster_healthcheck_needs_the_port_and_every_listed_node_as_a_member(
+    compose: dict[str, Any], tmp_path: Path, case: str, port_rc: int, status: str, healthy: bool
+) -> None:
+    script = (ROOT / "deploy" / "rabbitmq" / "cluster-health.sh").read_text()
+    # With no argument it reads cluster.conf where compose mounts it.
+    default_conf = re.search(r'^conf="\$\{1:-(\S+)\}"$', script, re.M).group(1)  # type: ignore[union-attr]
+    for name in CLUSTER_NODES:
+        assert _mounts(compose["services"][name])["rabbitmq_cluster_conf"] == default_conf
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "rabbitmq-diagnostics"
+    fake.write_text(FAKE_DIAGNOSTICS)
+    fake.chmod(0o755)
+    out = subprocess.run(
+        ["sh", str(ROOT / "deploy" / "rabbitmq" / "cluster-health.sh"), str(CLUSTER_CONF)],
+        env={"PATH": f"{bin_dir}:{os.environ['PATH']}", "PORT_RC": str(port_rc), "STATUS": status},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert (out.returncode == 0) == healthy, (case, out.stderr)
+
+
+def test_every_node_has_a_healthcheck_and_rabbitmq_1_waits_for_provisioning(
+    compose: dict[str, Any],
+) -> None:
+    services = compose["services"]
+    single = services["rabbitmq"]["healthcheck"]["test"]
+    marker = single[1].split(" && ")[0]  # test -f /tmp/inference-provisioned
+    for name in CLUSTER_NODES:
+        mounts = _mounts(services[name])
+        health = services[name]["healthcheck"]
+        script = f"sh {mounts['rabbitmq_cluster_health']}"
+        if name == "rabbitmq-1":
+            assert health["test"] == ["CMD-SHELL", f"{marker} && {script}"]
+        else:
+            assert health["test"] == ["CMD", *script.split()]
+        assert int(health["timeout"].rstrip("s")) >= 20  # two CLI calls, each an Erlang VM
+    for path in ("cookie-entrypoint.sh", "cluster-health.sh"):
+        text = (ROOT / "deploy" / "rabbitmq" / path).read_text()
+        assert text.startswith("#!/bin/sh\n"), path
+        assert "$$" not in text, path  # mounted from a file: compose interpolates nothing there
+        subprocess.run(["sh", "-n", str(ROOT / "deploy" / "rabbitmq" / path)], check=True)
+
+
+def test_clustered_services_use_a_url_list_naming_every_node(compose: dict[str, Any]) -> None:
+    from kombu import Connection
+    from kombu.utils.url import parse_url
+
+    services = compose["services"]
+    talkers = _profile(compose, "clustered") - set(CLUSTER_NODES)
+    assert talkers == set(CLUSTERED)
+    vhost = services["rabbitmq"]["environment"]["RABBITMQ_DEFAULT_VHOST"]
+    for name in talkers:
+        raw = services[name]["environment"]["CELERY_BROKER_URL"]
+        resolved = _resolved(services[name]["environment"])["CELERY_BROKER_URL"]
+        assert not re.search(r"\s", resolved), name  # YAML's line continuations left no blank
+        # The credentials: the app user's required variables, in every URL.
+        for url in raw.split(";"):
+            match = re.fullmatch(r"amqp://(\$\{[^}]+\}):(\$\{[^}]+\})@([\w-]+):5672/(\w+)", url)
+            assert match, url
+            assert _var(match.group(1)) == "RABBITMQ_USER"
+            assert _var(match.group(2)) == "RABBITMQ_PASSWORD"
+        conn = Connection(resolved)
+        assert len(conn.alt) == 3, name  # kombu's failover list: one URL per node
+        parsed = [parse_url(url) for url in conn.alt]
+        assert [p["hostname"] for p in parsed] == [services[n]["hostname"] for n in CLUSTER_NODES]
+        for p in parsed:
+            assert p["transport"] == "amqp" and p["port"] == 5672, name
+            assert p["virtual_host"] == vhost == "inference", name
+            assert p["userid"] == p["password"] == "x" and "guest" not in raw, name
+        assert conn.hostname == "rabbitmq-1" and conn.virtual_host == vhost
+        # and each node's name in cluster.conf is rabbit@ that host
+        assert {f"rabbit@{p['hostname']}" for p in parsed} == {
+            v for k, v in _cluster_conf() if k.startswith("cluster_formation.classic_config.")
+        }
+
+
+def test_clustered_services_wait_for_every_node_and_redis(compose: dict[str, Any]) -> None:
+    healthy = {"condition": "service_healthy"}
+    for name in CLUSTERED:
+        assert compose["services"][name]["depends_on"] == {
+            **{node: healthy for node in CLUSTER_NODES},
+            "redis": healthy,
+        }, name
+
+
+def test_clustered_services_are_their_single_node_counterparts_on_the_cluster(
+    compose: dict[str, Any],
+) -> None:
+    """Same command, device, healthcheck and settings (quorum queues and all); only the broker."""
+    services = compose["services"]
+    differ = {"profiles", "depends_on", "environment"}
+    for name, single_name in CLUSTERED.items():
+        svc, single = services[name], services[single_name]
+        assert set(svc) - differ == set(single) - differ, name
+        for key in set(svc) - differ:
+            assert svc[key] == single[key], (name, key)
+        env, single_env = svc["environment"], single["environment"]
+        assert set(env) == set(single_env), name
+        assert {k: v for k, v in env.items() if k != "CELERY_BROKER_URL"} == {
+            k: v for k, v in single_env.items() if k != "CELERY_BROKER_URL"
+        }, name
+        settings = Settings.from_env(_resolved(env))
+        single_settings = Settings.from_env(_resolved(single_env))
+        assert not settings.embedded and settings.broker_url != single_settings.broker_url
+        assert dataclasses.replace(settings, broker_url=single_settings.broker_url) == (
+            single_settings
+        ), name
+        assert settings.queue_type == "quorum" and settings.delivery_limit >= 1, name
+        assert settings.task_time_limit < settings.rabbitmq_consumer_timeout, name
+
+
+def test_every_variable_an_app_service_sets_is_a_setting(compose: dict[str, Any]) -> None:
+    """Workers and Flower, single-node and clustered: each variable is read by Settings."""
+    declared_env = {spec.env for _, spec, _ in declared()}
+    for name in (*WORKERS, "flower", *CLUSTERED):
+        env = set(compose["services"][name]["environment"])
+        extra = {"FLOWER_BASIC_AUTH"} if name.startswith("flower") else set()  # tasks.ops.flower
+        assert env - extra <= declared_env, (name, env - extra - declared_env)
+    # The nodes set only what RabbitMQ, the image or the provisioning script reads.
+    rabbit_env = set(compose["services"]["rabbitmq"]["environment"])
+    for name in CLUSTER_NODES:
+        assert set(compose["services"][name]["environment"]) == rabbit_env | {"RABBITMQ_NODENAME"}
