@@ -14,8 +14,11 @@ configures, interleaved over several rounds.
 ``python -m benchmarks LANE[,LANE...] [options]`` runs only those lanes (the
 same as ``--lanes``), e.g. ``python -m benchmarks model_gain --quick --json
 PATH``.  ``python -m benchmarks burst`` runs the 10,000-task burst (lane
-``burst``, merged into the results file); ``python -m benchmarks compare
-BEFORE AFTER`` sets two results files side by side.
+``burst``, merged into the results file); ``python -m benchmarks scaling
+[--workers 1,2,4] --json PATH`` runs the worker-scaling lane alone, with
+options of its own (:mod:`benchmarks.lanes.scaling`), into a results file of
+its own; ``python -m benchmarks compare BEFORE AFTER`` sets two results files
+side by side.
 """
 
 from __future__ import annotations
@@ -38,6 +41,10 @@ def main(argv: list[str] | None = None) -> int:
         from benchmarks.lanes.burst import main as burst
 
         return burst(argv[1:])
+    if argv[:1] == ["scaling"]:  # python -m benchmarks scaling --workers 1,2,4 --json PATH
+        from benchmarks.lanes.scaling import main as scaling
+
+        return scaling(argv[1:])
     if argv[:1] == ["compare"]:  # python -m benchmarks compare BEFORE.json AFTER.json
         from benchmarks.compare import main as compare
 

@@ -49,6 +49,13 @@ HEADLINE = (
     "max_rate_p99_50ms.batched",
     "gain.resnet50",
     "gain.minilm",
+    "req_s.1",  # scaling: req/s and efficiency by worker count
+    "req_s.2",
+    "req_s.4",
+    "req_s.8",
+    "efficiency.2",
+    "efficiency.4",
+    "efficiency.8",
 )
 
 

@@ -2,7 +2,9 @@
 
 The open-loop plot (when the ``open_loop`` lane ran) draws each worker's p50
 and p99 latency against the throughput it achieved at each offered rate, with
-the p99 target as a horizontal line.
+the p99 target as a horizontal line.  The scaling plot (``python -m
+benchmarks scaling``) draws req/s against the worker count, beside linear
+scaling from one worker.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from typing import Any
 
 from benchmarks.stats import cdf
 
-__all__ = ["open_loop_plot", "write_plots"]
+__all__ = ["open_loop_plot", "scaling_plot", "write_plots"]
 
 
 def write_plots(samples: dict[str, list[float]], lanes: dict[str, Any], stem: Path) -> list[Path]:
@@ -90,6 +92,44 @@ def open_loop_plot(lane: dict[str, Any], path: Path) -> Path:
         f"{lane['factors'][-1]:g}x of {capacity:,.0f} req/s)"
     )
     ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def scaling_plot(lane: dict[str, Any], path: Path) -> Path:
+    """The ``scaling`` lane: req/s by worker count (each round, and the median) beside
+    n x the 1-worker req/s; returns ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    counts = [int(n) for n in lane["req_s"]]
+    medians = [lane["req_s"][str(n)] for n in counts]
+    fig, ax = plt.subplots(figsize=(8, 5))
+    ax.plot(counts, medians, "-o", color="#4c72b0", label="measured (median of rounds)")
+    for n in counts:
+        rounds = lane["per_round"].get(f"req_s.{n}", [])
+        ax.plot([n] * len(rounds), rounds, ".", color="#4c72b0", alpha=0.4)
+    if "1" in lane["req_s"]:
+        one = lane["req_s"]["1"]
+        ax.plot(
+            counts, [n * one for n in counts], "--", color="grey", label="linear (n x 1 worker)"
+        )
+    for n, v in zip(counts, medians, strict=True):
+        eff = lane["efficiency"].get(str(n))
+        if eff is not None:
+            ax.annotate(f"{eff:.2f}", (n, v), textcoords="offset points", xytext=(4, -12))
+    cores = lane["cores"]
+    ax.set_xticks(counts)
+    ax.set_xlabel(f"worker processes ({cores['affinity']} usable CPUs); labels: efficiency")
+    ax.set_ylabel("saturated requests/s")
+    ax.set_title(f"Scaling behind the router: {lane['model']} on {lane['device']}")
+    ax.set_ylim(bottom=0)
+    ax.grid(True, alpha=0.3)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -10,7 +10,9 @@ from typing import Any
 
 from benchmarks.stats import ratio
 
-__all__ = ["ratios"]
+__all__ = ["SCALING_COUNTS", "ratios", "scaling_ratios"]
+
+SCALING_COUNTS = (1, 2, 4, 8)  # the scaling lane's worker counts that always have a key
 
 
 def ratios(lanes: dict[str, Any]) -> dict[str, float | None]:
@@ -123,4 +125,27 @@ def ratios(lanes: dict[str, Any]) -> dict[str, float | None]:
         ),
         "batching_gain_minilm_p95_ms": gain_p95("minilm", "batching"),
         "batching_gain_minilm_batch1_p95_ms": gain_p95("minilm", "batch1"),
+        **scaling_ratios(lanes.get("scaling") or {}),
     }
+
+
+def scaling_ratios(lane: dict[str, Any]) -> dict[str, float | None]:
+    """The ``scaling`` lane's figures by worker count n (the lane: :mod:`benchmarks.lanes.scaling`).
+
+    ``scaling_rps_<n>w``: saturated req/s of n workers behind the router (not a
+    ratio); ``scaling_efficiency_<n>w``: that over n x the 1-worker req/s (1.0:
+    linear); ``scaling_cpu_ms_per_request_<n>w``: CPU ms per request of every
+    process involved (not a ratio).  Keys for :data:`SCALING_COUNTS` are always
+    there (None where that count did not run), plus those of any other count run.
+    """
+    points = lane.get("points") or {}
+    counts = sorted({*SCALING_COUNTS, *(int(n) for n in points)})
+    out: dict[str, float | None] = {}
+    for n in counts:
+        out[f"scaling_rps_{n}w"] = (points.get(str(n)) or {}).get("req_s")
+    for n in (n for n in counts if n > 1):
+        out[f"scaling_efficiency_{n}w"] = (points.get(str(n)) or {}).get("efficiency")
+    for n in counts:
+        cpu = (points.get(str(n)) or {}).get("cpu_ms_per_request") or {}
+        out[f"scaling_cpu_ms_per_request_{n}w"] = cpu.get("total")
+    return out

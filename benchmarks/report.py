@@ -20,6 +20,7 @@ __all__ = [
     "CPU_ROLES",
     "END",
     "MODEL_GAIN_HEADERS",
+    "SCALING_HEADERS",
     "begin",
     "blocks",
     "cpu_rows",
@@ -28,6 +29,7 @@ __all__ = [
     "print_table",
     "render",
     "rows",
+    "scaling_rows",
     "splice",
     "stale",
 ]
@@ -77,6 +79,20 @@ MODEL_GAIN_HEADERS = (
     "mean forward batch",
     "gain",
 )
+SCALING_HEADERS = (
+    "workers",
+    "clients",
+    "in flight",
+    "req/s",
+    "efficiency",
+    "marginal",
+    "p50 ms",
+    "p95 ms",
+    *(f"{role} ms/req" for role in CPU_ROLES),
+    "cores busy",
+    "machine busy",
+    "share max/min",
+)
 
 
 def _f(value: float | None, fmt: str) -> str:
@@ -121,6 +137,17 @@ def rows(result: dict[str, Any]) -> list[tuple[str, ...]]:
                 max((v for v in (lane.get("worker_rss_mb") or {}).values() if v), default=None),
                 ".0f",
             )
+            out.append((name, "-", "-", "-", "-", "-", "-", "-", figures, "-", rss))
+            continue
+        if name == "scaling":  # its worker counts: scaling_rows
+            figures = "req/s: " + " / ".join(
+                f"{_f(v, ',.0f')} ({n}w)" for n, v in lane["req_s"].items()
+            )
+            eff = [f"{_f(v, '.3f')} ({n}w)" for n, v in lane["efficiency"].items() if n != "1"]
+            if eff:
+                figures += "; efficiency: " + " / ".join(eff)
+            rss_values = [p["worker_rss_mb"] for p in lane["points"].values() if p["worker_rss_mb"]]
+            rss = _f(max(rss_values, default=None), ".0f")
             out.append((name, "-", "-", "-", "-", "-", "-", "-", figures, "-", rss))
             continue
         if "rtt_ms" not in lane:  # in_process: compute only
@@ -210,6 +237,49 @@ def model_gain_rows(result: dict[str, Any]) -> list[tuple[str, ...]]:
     return out
 
 
+def scaling_rows(result: dict[str, Any]) -> list[tuple[str, ...]]:
+    """The ``scaling`` lane, one row per worker count ([] without the lane)."""
+    lane = result["lanes"].get("scaling")
+    if not lane:
+        return []
+    out: list[tuple[str, ...]] = []
+    for n, p in lane["points"].items():
+        rtt, cpu, busy = p.get("rtt_ms") or {}, p["cpu_ms_per_request"], p["cores_busy"]
+        share = p["share"]
+        out.append(
+            (
+                n,
+                str(p["clients"]),
+                str(p["in_flight"]),
+                _f(p["req_s"], ",.1f"),
+                _f(p["efficiency"], ".3f"),
+                _f(p["marginal"], ".3f"),
+                _f(rtt.get("p50"), ",.1f"),
+                _f(rtt.get("p95"), ",.1f"),
+                *(_f(cpu.get(role), ".3f") for role in CPU_ROLES),
+                _f(busy.get("total"), ".2f"),
+                _f(p["machine_busy"], ".2f"),
+                f"{share[0]:.0%}/{share[-1]:.0%}" if share else "-",
+            )
+        )
+    return out
+
+
+def _scaling_caption(result: dict[str, Any]) -> str:
+    lane = result["lanes"]["scaling"]
+    c = lane["cores"]
+    return (
+        f"Scaling on `{lane['device']}` ({lane['model']}): n worker processes (prefork -c 1) "
+        f"behind the router, {lane['in_flight_per_worker']} requests in flight per worker from "
+        f"`clients` processes of stock `apply_async`; req/s median of {lane['rounds']} rounds of "
+        f"{lane['seconds']:g} s (after {lane['warm_s']:g} s of load); efficiency = req/s over "
+        f"n x the 1-worker req/s; marginal = req/s each added worker brought, over the 1-worker "
+        f"req/s; CPU ms per request by process and busy cores (those processes' CPU s per s) "
+        f"median of rounds; machine busy: every process on the machine; share: the busiest and "
+        f"idlest worker's part of the requests. {c['cpu_count']} CPUs, {c['affinity']} usable."
+    )
+
+
 def _model_gain_caption(result: dict[str, Any]) -> str:
     lane = result["lanes"]["model_gain"]
     return (
@@ -232,6 +302,14 @@ def _open_loop_caption(result: dict[str, Any]) -> str:
 
 def _headline(result: dict[str, Any], source: str) -> str:
     m, p = result["machine"], result["plan"]
+    if p.get("lane") == "scaling":  # a lane run alone, with a plan of its own
+        return (
+            f"Measured {result['date']} on {m['cpus']} CPUs, {m['gpu'] or 'no GPU'} (workers on "
+            f"`{m['device']}`); Python {m['python']}, torch {m['torch']}, Celery {m['celery']}, "
+            f"RabbitMQ {m['rabbitmq']}, Redis {m['redis']}; serializer {m['serializer']}. "
+            f"Lane `scaling` alone: {p['workers']} workers, {p['rounds']} interleaved rounds, "
+            f"median reported. Source: `{source}`."
+        )
     return (
         f"Measured {result['date']} on {m['cpus']} CPUs, {m['gpu'] or 'no GPU'} (inference on "
         f"`{m['device']}`); Python {m['python']}, torch {m['torch']}, Celery {m['celery']}, "
@@ -284,6 +362,11 @@ def render(result: dict[str, Any], source: str) -> str:
         lines += ["| " + " | ".join(MODEL_GAIN_HEADERS) + " |"]
         lines += ["|---|" + "---:|" * (len(MODEL_GAIN_HEADERS) - 1)]
         lines += ["| " + " | ".join(r) + " |" for r in gain]
+    if scaling := scaling_rows(result):
+        lines += ["", _scaling_caption(result), ""]
+        lines += ["| " + " | ".join(SCALING_HEADERS) + " |"]
+        lines += ["|---|" + "---:|" * (len(SCALING_HEADERS) - 1)]
+        lines += ["| " + " | ".join(r) + " |" for r in scaling]
     lines += ["", "| ratio | value |", "|---|---:|"]
     lines += [f"| {k} | {_f(v, '.3f')} |" for k, v in result["ratios"].items()]
     lines += ["", f"Client RSS: {_f(result['memory_mb'].get('client_rss'), '.0f')} MB."]
@@ -323,6 +406,13 @@ def print_table(result: dict[str, Any], source: str) -> None:
         for r in gain:
             gain_table.add_row(*r)
         console.print(gain_table)
+    if scaling := scaling_rows(result):
+        scaling_table = Table(title=_scaling_caption(result))
+        for h in SCALING_HEADERS:
+            scaling_table.add_column(h, justify="right")
+        for r in scaling:
+            scaling_table.add_row(*r)
+        console.print(scaling_table)
     for k, v in result["ratios"].items():
         console.print(f"  {k:52} {_f(v, '.3f')}")
     console.print(_headline(result, source))

@@ -6,6 +6,7 @@
 #   bash benchmarks/device/bundle.sh      # here, once: builds .gpu/ (git-ignored)
 #   bash benchmarks/device/run.sh         # there, with .gpu carried; results in $OUT
 #   bash benchmarks/device/run.sh services   # only start, check and stop the bundled services
+#   bash benchmarks/device/run.sh scaling    # only the scaling lane (benchmarks/device/scaling.sh)
 #
 # Every step has its own timeout (they add up to about 411 s); a failed step does not stop the
 # ones after it, and the script exits 1 at the end if any failed.  Output goes to the
@@ -27,6 +28,8 @@
 #   BENCH_LANES                lanes                                    (the batching-relevant ones)
 #   PYTEST_EXTRA               extra pytest arguments, e.g. -W 'ignore::DeprecationWarning:foo'
 #   DEVICE_BENCH_LIMIT         seconds the benchmark may take           140
+#   SCALING_ARGS               the scaling lane's options (mode scaling) --workers 1,2,4,8 --rounds 3 --seconds 8
+#   DEVICE_SCALING_LIMIT       seconds the scaling lane may take        330
 set -uo pipefail
 cd "$(dirname "$0")/../.." || exit 1
 ROOT=$PWD
@@ -47,6 +50,8 @@ export BENCH_ARGS=${BENCH_ARGS:---quick --requests 200 --window-requests 400 --p
 export BENCH_LANES=${BENCH_LANES:-amqp_floor,celery_baseline,deployment_noop,deployment_infer,deployment_infer_batched,deployment_infer_chunked,dramatiq,in_process}
 export PYTEST_EXTRA=${PYTEST_EXTRA:-}
 export BENCH_LIMIT=${DEVICE_BENCH_LIMIT:-140}
+export SCALING_ARGS=${SCALING_ARGS:---workers 1,2,4,8 --rounds 3 --seconds 8}
+export SCALING_LIMIT=${DEVICE_SCALING_LIMIT:-330}
 export WAIT_S=25  # check_services gives up after this
 export DR_LOGS=$RT/logs
 export WORK=${TMPDIR:-/tmp}/gpu-run.$$
@@ -281,9 +286,15 @@ bench() {
     --json "$OUT/gpu-bench.json"
 }
 
+scaling() { # the scaling lane on this machine's CPU cores: CPU workers behind the router
+  export DEVICE_RUN_BENCH=$WORK # marks the workers and clients it starts (kill_leftovers)
+  # shellcheck disable=SC2086
+  "$PY" -m benchmarks scaling $SCALING_ARGS --device cpu --json "$OUT/scaling.json"
+}
+
 export -f install_wheels unpack_runtime rabbit_env start_services check_services stop_services \
   rabbitmqctl_status \
-  facts unit_tests unit_rerun gpu_tests bench
+  facts unit_tests unit_rerun gpu_tests bench scaling
 
 # ---------------------------------------------------------------- driver
 
@@ -360,6 +371,14 @@ main() {
   step wheels 30 install_wheels
   if [ "${1:-}" = services ]; then # only the services: start, check, stop
     services_up && step ctl 30 rabbitmqctl_status
+    finish
+    return
+  fi
+  if [ "${1:-}" = scaling ]; then # only the scaling lane: 30 + 60 + 20 + 20 + 330 = 460 s at most
+    services_up
+    step facts 20 facts
+    step weights 20 "\"\$PY\" -m models build --force --dir \"\$WEIGHTS\""
+    step scaling "$SCALING_LIMIT" scaling || kill_leftovers
     finish
     return
   fi
