@@ -8,7 +8,7 @@ WEIGHTS  := $(or $(INFER_WEIGHTS_DIR),$(HOME_DIR)/weights)/.built
 NAME   ?= cpu0
 DEVICE ?= cpu
 
-.PHONY: browser demo test unit integration reliability chaos lint bench bench-quick celery-batches-venv worker weights flower clean
+.PHONY: browser netns-tools multihost demo test unit integration reliability chaos lint bench bench-quick celery-batches-venv worker weights flower clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -43,7 +43,7 @@ unit: $(WEIGHTS)
 integration: $(WEIGHTS) browser
 	$(PY) -m pytest tests/integration
 
-test: lint $(WEIGHTS) browser
+test: lint $(WEIGHTS) browser netns-tools
 	$(PY) -m pytest
 
 # Debian's Chromium for the Flower screenshot test (tests/integration/test_flower.py).  Where
@@ -51,6 +51,17 @@ test: lint $(WEIGHTS) browser
 browser:
 	@command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; } \
 		|| echo "make: could not install Debian's chromium (needs root and apt): the browser test will skip"
+
+# Debian's nftables for the multihost tier's one-way drops and loss (tests/multihost); iproute2
+# (ip netns) is already there.  Without root or a package index the tier skips and says why.
+netns-tools:
+	@command -v nft >/dev/null || { apt-get update -qq && apt-get install -y -qq nftables >/dev/null; } \
+		|| echo "make: could not install Debian's nftables (needs root and apt): the multihost tier will skip"
+
+# Eight test hosts in network namespaces, a 3-node RabbitMQ cluster, the seven fault scenarios at
+# full load (`make test` runs them reduced); ledgers in var/multihost/.
+multihost: $(WEIGHTS) netns-tools
+	INFER_MULTIHOST=full $(PY) -m pytest tests/multihost -s
 
 # The full fault suite (10,000-task soak); `make test` runs the reduced counts.
 reliability: $(WEIGHTS)

@@ -102,9 +102,36 @@ class InferenceApp(Celery):
                 # A reconnect would republish on a new channel, whose delivery tags the
                 # pipeline does not track: a lost connection raises PublishFailed instead.
                 kwargs["retry"] = False
-            return super().send_task(*args, **kwargs)
+                return super().send_task(*args, **kwargs)
+            return self._send_confirmed(*args, **kwargs)
         finally:
             local.depth -= 1
+
+    def _send_confirmed(self, *args: Any, **kwargs: Any) -> Any:
+        """One publish, its confirm awaited at most ``publish_confirm_timeout_s`` per try.
+
+        After Celery's retries (each one reconnects, to the next node of a
+        broker URL list), a connection error, a confirm timeout or a nack is
+        :class:`~models.errors.PublishFailed` naming the task id: never a bare
+        kombu or socket error, and never an endless wait on a silent broker.
+        """
+        settings = self.infer_settings
+        if settings.embedded or not settings.broker.startswith(("amqp", "pyamqp")):
+            return super().send_task(*args, **kwargs)
+        from amqp.exceptions import MessageNacked
+        from celery.utils import uuid
+        from kombu.exceptions import OperationalError
+
+        from tasks.client.publish import unconfirmed
+
+        kwargs["task_id"] = kwargs.get("task_id") or uuid()
+        kwargs.setdefault("confirm_timeout", settings.publish_confirm_timeout_s)
+        kwargs.setdefault("timeout", settings.publish_confirm_timeout_s)  # the socket write
+        try:
+            return super().send_task(*args, **kwargs)
+        except (OperationalError, MessageNacked, OSError, TimeoutError) as e:
+            retries = settings.publish_retries if kwargs.get("retry", True) else 0
+            raise unconfirmed(kwargs["task_id"], e, retries) from e
 
     def producer_or_acquire(self, producer: Any = None) -> Any:
         """Celery's, except for many publishes at once (a ``group``, a chord's header).
@@ -200,7 +227,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # Wait for the broker's ack of every publish: a message is either
         # confirmed on the broker or the publish raises.
         transport_options = {"confirm_publish": True}
-    elif settings.result_backend is None:
+    if settings.result_backend is None:  # the file result backend, whatever the broker
         _ensure_dirs(settings)
     return {
         "broker_url": settings.broker,

@@ -110,7 +110,10 @@ class Settings:
     """Every knob of the deployment, typed, with its default: see docs/settings.md."""
 
     broker_url: str | None = setting(
-        "CELERY_BROKER_URL", None, "RabbitMQ: amqp://user:pw@host:5672/vhost", shown="embedded"
+        "CELERY_BROKER_URL",
+        None,
+        "RabbitMQ: amqp://user:pw@host:5672/vhost; a cluster: its nodes' URLs joined with ;",
+        shown="embedded",
     )
     result_backend: str | None = setting(
         "CELERY_RESULT_BACKEND", None, "Redis: redis://:password@host:6379/0", shown="embedded"
@@ -250,6 +253,11 @@ class Settings:
     publish_retries: int = setting(
         "INFER_PUBLISH_RETRIES", 10, "publish retries while the broker is away", at_least=0
     )
+    publish_confirm_timeout_s: float = setting(
+        "INFER_PUBLISH_CONFIRM_TIMEOUT_S",
+        5.0,
+        "longest wait for the broker's confirm of one publish before it is retried, s",
+    )
     backend_retries: int = setting(
         "INFER_BACKEND_RETRIES", 30, "result-backend retries before a task fails", at_least=0
     )
@@ -308,6 +316,7 @@ class Settings:
                 f"INFER_QUEUE_TYPE={self.queue_type!r}: use quorum (delivery limit, replicated) "
                 "or classic (RabbitMQ < 3.10, no delivery limit)"
             )
+        self._check_broker_urls()
         self._check_tls()
         self._check_signing()
         for dtype in self.dtypes:
@@ -315,6 +324,32 @@ class Settings:
                 raise ConfigurationError(f"INFER_DTYPES has {dtype!r}: use fp32, fp16 and/or bf16")
         if self.weights_dir is None:
             object.__setattr__(self, "weights_dir", self.home / "weights")
+
+    def _check_broker_urls(self) -> None:
+        urls = self.broker_urls
+        if len(urls) < 2:
+            return
+        schemes = {url.split("://", 1)[0] for url in urls}
+        if any("://" not in url for url in urls) or not schemes <= {"amqp", "pyamqp", "amqps"}:
+            raise ConfigurationError(
+                f"CELERY_BROKER_URL lists {len(urls)} brokers, not all amqp:// URLs: a list is "
+                "for the nodes of one RabbitMQ cluster, amqp://user:pw@node1:5672/vhost;"
+                "amqp://user:pw@node2:5672/vhost;..."
+            )
+        if "amqps" in schemes:
+            # kombu's pyamqp transport writes the first node's name into the shared ssl
+            # options on connect, so after a failover the next node's certificate is checked
+            # against the first node's name and the connection fails.
+            raise ConfigurationError(
+                "CELERY_BROKER_URL lists several amqps:// nodes: kombu checks every node's "
+                "certificate against the first node's name, so failover would fail; give one "
+                "amqps:// URL of a TCP load balancer in front of the cluster, or amqp:// inside "
+                "a private network"
+            )
+        if len(set(urls)) != len(urls):
+            raise ConfigurationError(
+                "CELERY_BROKER_URL lists the same broker twice: list each node once"
+            )
 
     def _check_tls(self) -> None:
         for key, path in (
@@ -380,6 +415,11 @@ class Settings:
         return self.broker_url or "filesystem://"
 
     @property
+    def broker_urls(self) -> list[str]:
+        """Each broker of ``CELERY_BROKER_URL``: one, or a cluster's nodes (kombu's ``;`` list)."""
+        return [url.strip() for url in self.broker.split(";") if url.strip()]
+
+    @property
     def backend(self) -> str:
         return self.result_backend or f"file://{self.home / 'results'}"
 
@@ -393,7 +433,7 @@ class Settings:
         if self.embedded:
             where = f"embedded broker (kombu filesystem transport) under {self.home / 'broker'}"
         else:
-            where = f"broker {maybe_sanitize_url(self.broker)}"
+            where = "broker " + ";".join(maybe_sanitize_url(url) for url in self.broker_urls)
         return (
             f"{where}; results in {maybe_sanitize_url(self.backend)}; serializer {self.serializer}"
         )

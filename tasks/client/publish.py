@@ -169,6 +169,23 @@ def _failed(why: str, ids: list[str], total: int) -> PublishFailed:
     return error
 
 
+def unconfirmed(task_id: str, error: BaseException, retries: int) -> PublishFailed:
+    """The typed error of one ``send_task`` whose publish failed after Celery's retries.
+
+    The message may still have reached a queue (a confirm lost with its
+    connection), so the caller is told to resend with the same id: a worker
+    does not run again a task whose SUCCESS is stored.
+    """
+    why = f"{type(error).__name__}: {error}".rstrip(": ")
+    failed = PublishFailed(
+        f"task {task_id} is not known to be on the broker after {retries} publish retries "
+        f"({why}): check that a broker node is reachable, then resend it with the same "
+        "task_id (a stored result is not computed twice)"
+    )
+    failed.task_ids = (task_id,)
+    return failed
+
+
 def message_task_id(message: Any) -> str:
     """The task id of a Celery message (protocol 2 header ``id``, else ``correlation_id``)."""
     properties = getattr(message, "properties", {}) or {}
@@ -267,7 +284,7 @@ def confirming_producer(
     to wait for the confirms.  The channel is closed on exit and its
     connection goes back to the app's pool.
     """
-    import amqp  # type: ignore[import-untyped]
+    import amqp
 
     with app.pool.acquire(block=True) as conn:
         conn.ensure_connection(max_retries=app.infer_settings.publish_retries)

@@ -14,7 +14,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -51,6 +51,7 @@ class WorkerProcess:
         command: list[str] | None = None,
         batching: bool = False,
         python: str = sys.executable,
+        prefix: Sequence[str] = (),
     ) -> None:
         self.name = name
         self.device = device
@@ -65,6 +66,8 @@ class WorkerProcess:
             self.env["INFER_BATCHING"] = "true"
         self.env.setdefault("PYTHONUNBUFFERED", "1")
         self.python = python  # another environment's interpreter may run a peer worker
+        # Runs the worker under another command, which must exec it (``ip netns exec h1``).
+        self.prefix = list(prefix)
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -90,7 +93,15 @@ class WorkerProcess:
     def start(self) -> WorkerProcess:
         self.logfile.parent.mkdir(parents=True, exist_ok=True)
         self.logfile.write_text("")
-        cmd = [self.python, "-m", "celery", *self.command[1:], "--logfile", str(self.logfile)]
+        cmd = [
+            *self.prefix,
+            self.python,
+            "-m",
+            "celery",
+            *self.command[1:],
+            "--logfile",
+            str(self.logfile),
+        ]
         self.proc = subprocess.Popen(
             cmd,
             env=self.env,

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 from routing.capabilities import WorkerCapabilities
 from routing.registry import RegistryStore
 from tasks.wire.catalog import advertised, local_catalog
+from tasks.worker.broker_probe import BrokerUnreachable
 from tasks.worker.device import RuntimeView, device_memory
 from tasks.worker.running import running_tasks
 
@@ -58,6 +59,7 @@ class Heartbeat:
         # from a task's (load_model, unload_model), and the queue-depth count's broker
         # connection is not thread-safe (two readers desync its frames and hang the child).
         self._beating = threading.Lock()
+        self._broker_reachable = True
 
     def capabilities(self) -> WorkerCapabilities:
         """This worker's record, measured now."""
@@ -76,10 +78,22 @@ class Heartbeat:
             capability = torch.cuda.get_device_capability(device)
         if self.settings.memory_mb:  # declared capacity (tests pose as different devices)
             total, free = self.settings.memory_mb, max(0, self.settings.memory_mb - used_mb)
-        depth = 0
+        depth, reachable = 0, True
         if self._queue_depth is not None:
-            with contextlib.suppress(Exception):  # a missed count is not worth a missed beat
+            try:
                 depth = int(self._queue_depth())
+            except BrokerUnreachable as e:
+                reachable = False
+                if self._broker_reachable:
+                    log.warning("no broker answers (%s): advertised as saturated until one does", e)
+            except Exception as e:  # a missed count is not worth a missed beat
+                log.debug("queue depth not counted: %s", e)
+            if reachable and not self._broker_reachable:
+                log.warning("the broker answers again: advertised load is measured again")
+            self._broker_reachable = reachable
+        in_flight = running_tasks() + depth
+        if not reachable:  # it cannot consume: routers send its requests to the others
+            in_flight = max(in_flight, self.settings.max_in_flight)
         return WorkerCapabilities(
             name=self.node,
             queue=self.queue,
@@ -93,7 +107,7 @@ class Heartbeat:
             dtypes=self.settings.dtypes or supported_dtypes(device),
             models_loaded=tuple(dict.fromkeys(m for m, _ in self.runtime.cache.keys())),  # noqa: SIM118
             models=advertised(local_catalog(self.settings)),
-            in_flight=running_tasks() + depth,
+            in_flight=in_flight,
             max_in_flight=self.settings.max_in_flight,
             heartbeat=time.time(),
         )

@@ -66,6 +66,7 @@ from tasks.wire.backend import registry_store
 from tasks.wire.catalog import check_preload, local_catalog
 from tasks.wire.codec import refuse_text_content
 from tasks.worker import metrics
+from tasks.worker.broker_probe import QueueDepth
 from tasks.worker.heartbeat import Heartbeat
 from tasks.worker.runtime import get_runtime
 
@@ -84,16 +85,6 @@ _heartbeat: Heartbeat | None = None
 _first_beat: Semaphore | None = None
 
 
-def _queue_depth(queue: str) -> Any:
-    """A callable counting ready messages in ``queue`` over its own broker connection."""
-    conn = app.connection_for_write()
-
-    def depth() -> int:
-        return int(conn.default_channel.queue_declare(queue=queue, passive=True).message_count)
-
-    return depth
-
-
 def _preload() -> None:
     global _heartbeat
     settings = app.infer_settings
@@ -108,7 +99,7 @@ def _preload() -> None:
             settings,
             runtime,
             registry_store(settings),
-            _queue_depth(_own_queue),
+            QueueDepth(app, _own_queue, timeout_s=settings.heartbeat_s / 4),
         ).start()
         runtime.on_change = _heartbeat.beat
     metrics.serve(settings.metrics_port, settings.metrics_addr, runtime, app)

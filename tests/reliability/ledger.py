@@ -52,9 +52,9 @@ class LedgerReport:
             + (f"; {json.dumps(self.extra, sort_keys=True)}" if self.extra else "")
         )
 
-    def save(self) -> None:
-        RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-        (RESULTS_DIR / f"{self.scenario}.json").write_text(
+    def save(self, results_dir: Path = RESULTS_DIR) -> None:
+        results_dir.mkdir(parents=True, exist_ok=True)
+        (results_dir / f"{self.scenario}.json").write_text(
             json.dumps(self.__dict__, indent=2, sort_keys=True)
         )
 
@@ -125,7 +125,7 @@ class Ledger:
                 return outcomes
             time.sleep(0.2)
 
-    def report(self, timeout: float, **extra: Any) -> LedgerReport:
+    def report(self, timeout: float, save: bool = True, **extra: Any) -> LedgerReport:
         outcomes = self.wait(timeout)
         failed: Counter[str] = Counter()
         for meta in outcomes.values():
@@ -145,8 +145,9 @@ class Ledger:
             max_executions=max(executions.values(), default=0),
             extra=extra,
         )
-        report.save()
-        print(report.line())
+        if save:
+            report.save()
+            print(report.line())
         return report
 
     def _redis(self, call: Any) -> Any:

@@ -53,3 +53,38 @@ def test_concurrent_beats_never_overlap() -> None:
     for t in threads:
         t.join()
     assert len(store.published) == 8 and overlaps[0] == 0
+
+
+def _heartbeat(depth: Any, store: _Store) -> Heartbeat:
+    cache: Any = SimpleNamespace(used_bytes=0, keys=lambda: [])
+    runtime: Any = SimpleNamespace(device=torch.device("cpu"), cache=cache)
+    return Heartbeat("w@h", "cpu.direct.w", "cpu", Settings(max_in_flight=4), runtime, store, depth)
+
+
+def test_a_worker_no_broker_answers_is_advertised_saturated_and_recovers() -> None:
+    # Reaching Redis but no broker node (an asymmetric partition), it cannot consume: it
+    # stays in the registry, at its in-flight limit, so routers send its requests elsewhere.
+    from tasks.worker.broker_probe import BrokerUnreachable
+
+    answers: list[int | Exception] = [2, BrokerUnreachable("timed out"), BrokerUnreachable("x"), 1]
+
+    def depth() -> int:
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    store = _Store()
+    beat = _heartbeat(depth, store)
+    for _ in range(4):
+        beat.beat()
+    assert [c.in_flight for c in store.published] == [2, 4, 4, 1]
+
+
+def test_a_queue_count_that_fails_otherwise_costs_no_beat() -> None:
+    def depth() -> int:
+        raise ValueError("a channel error")
+
+    store = _Store()
+    _heartbeat(depth, store).beat()
+    assert [c.in_flight for c in store.published] == [0]
