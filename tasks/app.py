@@ -110,10 +110,14 @@ class InferenceApp(Celery):
     def _send_confirmed(self, *args: Any, **kwargs: Any) -> Any:
         """One publish, its confirm awaited at most ``publish_confirm_timeout_s`` per try.
 
-        After Celery's retries (each one reconnects, to the next node of a
-        broker URL list), a connection error, a confirm timeout or a nack is
-        :class:`~models.errors.PublishFailed` naming the task id: never a bare
-        kombu or socket error, and never an endless wait on a silent broker.
+        A lost connection or a confirm timeout is retried by Celery (each retry
+        reconnects, to the next node of a broker URL list).  A nack is retried
+        here, with the same task id and a growing pause, up to
+        ``publish_retries`` times: a quorum queue nacks while it elects a new
+        leader (about half a second after its leader's node dies).  What still
+        fails is :class:`~models.errors.PublishFailed` naming the task id:
+        never a bare kombu or socket error, and never an endless wait on a
+        silent broker.
         """
         settings = self.infer_settings
         if settings.embedded or not settings.broker.startswith(("amqp", "pyamqp")):
@@ -122,16 +126,22 @@ class InferenceApp(Celery):
         from celery.utils import uuid
         from kombu.exceptions import OperationalError
 
-        from tasks.client.publish import unconfirmed
+        from tasks.client.publish import nacked, unconfirmed
 
         kwargs["task_id"] = kwargs.get("task_id") or uuid()
         kwargs.setdefault("confirm_timeout", settings.publish_confirm_timeout_s)
         kwargs.setdefault("timeout", settings.publish_confirm_timeout_s)  # the socket write
-        try:
-            return super().send_task(*args, **kwargs)
-        except (OperationalError, MessageNacked, OSError, TimeoutError) as e:
-            retries = settings.publish_retries if kwargs.get("retry", True) else 0
-            raise unconfirmed(kwargs["task_id"], e, retries) from e
+        retries = settings.publish_retries if kwargs.get("retry", True) else 0
+        for attempt in range(retries + 1):
+            try:
+                return super().send_task(*args, **kwargs)
+            except (OperationalError, MessageNacked, OSError, TimeoutError) as e:
+                if not nacked(e):
+                    raise unconfirmed(kwargs["task_id"], e, retries) from e
+                if attempt == retries:
+                    raise unconfirmed(kwargs["task_id"], e, retries, nacks=attempt + 1) from e
+                time.sleep(min(2.0, 0.1 * 2**attempt))
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def producer_or_acquire(self, producer: Any = None) -> Any:
         """Celery's, except for many publishes at once (a ``group``, a chord's header).

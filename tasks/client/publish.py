@@ -169,18 +169,36 @@ def _failed(why: str, ids: list[str], total: int) -> PublishFailed:
     return error
 
 
-def unconfirmed(task_id: str, error: BaseException, retries: int) -> PublishFailed:
-    """The typed error of one ``send_task`` whose publish failed after Celery's retries.
+def nacked(error: BaseException) -> bool:
+    """Whether ``error`` is, or was caused by, the broker's nack of the message."""
+    from amqp.exceptions import MessageNacked
+
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, MessageNacked):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def unconfirmed(task_id: str, error: BaseException, retries: int, nacks: int = 0) -> PublishFailed:
+    """The typed error of one ``send_task`` whose publish failed after its retries.
 
     The message may still have reached a queue (a confirm lost with its
     connection), so the caller is told to resend with the same id: a worker
     does not run again a task whose SUCCESS is stored.
     """
-    why = f"{type(error).__name__}: {error}".rstrip(": ")
+    if nacks:
+        why = f"the broker nacked it {nacks} times (a queue without a leader, or full)"
+    else:
+        cause = error.__cause__ or error.__context__
+        why = f"{type(error).__name__}: {error}".rstrip(": ")
+        if cause is not None and not str(error):
+            why = f"{why} from {type(cause).__name__}: {cause}".rstrip(": ")
+        why = f"{why}, after {retries} publish retries"
     failed = PublishFailed(
-        f"task {task_id} is not known to be on the broker after {retries} publish retries "
-        f"({why}): check that a broker node is reachable, then resend it with the same "
-        "task_id (a stored result is not computed twice)"
+        f"task {task_id} is not known to be on the broker ({why}): check that a broker node "
+        "is reachable, then resend it with the same task_id (a stored result is not computed twice)"
     )
     failed.task_ids = (task_id,)
     return failed

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 from datetime import date
@@ -48,13 +49,14 @@ def gather(runs: Path = RUNS) -> dict[str, Any]:
         "schema": "multihost/1",
         "date": date.today().isoformat(),
         "machine": {"cpus": _cpus(), "python": platform.python_version()},
+        "scale": "full"
+        if scenarios and all(r.get("scale") == "full" for r in scenarios.values())
+        else "reduced",
         "scenarios": scenarios,
     }
 
 
 def _cpus() -> int:
-    import os
-
     return len(os.sched_getaffinity(0))
 
 

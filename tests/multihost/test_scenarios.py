@@ -17,6 +17,7 @@ import pytest
 
 from tests.multihost.conftest import (
     BROKER_HEARTBEAT_S,
+    FULL,
     HEARTBEAT_S,
     WORKERS,
     Deployment,
@@ -59,7 +60,7 @@ def check_ledger(record: dict[str, Any], window_s: float | None = None) -> None:
 def finish(driver: Driver, scenario: str, wait: float = 180.0, **extra: Any) -> dict[str, Any]:
     record = driver.call("report", timeout=wait, wait=wait + 60)
     driver.close()
-    record.update(extra)
+    record.update(extra, scale="full" if FULL else "reduced")
     lat = record["latencies"]
     record["p50_ms"] = round(percentile(lat, 0.5) * 1000, 1)
     record["p99_ms"] = round(percentile(lat, 0.99) * 1000, 1)

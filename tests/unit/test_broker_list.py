@@ -69,9 +69,30 @@ def test_a_publish_no_node_takes_is_publish_failed_naming_the_task(
     )
     started = time.monotonic()
     with pytest.raises(
-        PublishFailed, match="not known to be on the broker after 1 publish retries"
+        PublishFailed, match=r"not known to be on the broker .*after 1 publish retries"
     ) as raised:
         app.send_task("tasks.diag.noop", task_id="t-1")
     assert raised.value.task_ids == ("t-1",)
     assert "resend it with the same task_id" in str(raised.value)
     assert time.monotonic() - started < 30  # bounded: no endless wait for a broker
+
+
+def test_a_nack_is_recognised_through_kombus_wrapping() -> None:
+    # kombu raises OperationalError('') from py-amqp's MessageNacked: the app retries
+    # those (a quorum queue nacks while it elects a leader), and says so when it gives up.
+    from amqp.exceptions import MessageNacked
+    from kombu.exceptions import OperationalError
+
+    from tasks.client.publish import nacked, unconfirmed
+
+    try:
+        try:
+            raise MessageNacked()
+        except MessageNacked as e:
+            raise OperationalError("") from e
+    except OperationalError as wrapped:
+        assert nacked(wrapped)
+        error = unconfirmed("t-2", wrapped, retries=10, nacks=11)
+    assert not nacked(OperationalError("connection refused"))
+    assert error.task_ids == ("t-2",)
+    assert "nacked it 11 times" in str(error)
