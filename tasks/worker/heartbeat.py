@@ -47,12 +47,15 @@ class Heartbeat:
         runtime: RuntimeView,
         store: RegistryStore,
         queue_depth: Callable[[], int] | None = None,
+        consuming: Callable[[], bool] | None = None,
     ) -> None:
         self.node, self.queue, self.fallback = node, queue, fallback
         self.settings = settings
         self.runtime = runtime
         self.store = store
         self._queue_depth = queue_depth
+        self._consuming = consuming
+        self._was_consuming = True
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         # One beat at a time: the loop beats from its thread while runtime.advertise() beats
@@ -92,7 +95,15 @@ class Heartbeat:
                 log.warning("the broker answers again: advertised load is measured again")
             self._broker_reachable = reachable
         in_flight = running_tasks() + depth
-        if not reachable:  # it cannot consume: routers send its requests to the others
+        consuming = self.consuming()
+        if consuming != self._was_consuming:
+            log.warning(
+                "the consumer %s: advertised %s",
+                "consumes again" if consuming else "stopped (broker connection lost)",
+                "load measured again" if consuming else "as saturated until it consumes",
+            )
+            self._was_consuming = consuming
+        if not (reachable and consuming):  # it cannot consume: routers send its requests elsewhere
             in_flight = max(in_flight, self.settings.max_in_flight)
         return WorkerCapabilities(
             name=self.node,
@@ -125,9 +136,16 @@ class Heartbeat:
         self._thread.start()
         return self
 
+    def consuming(self) -> bool:
+        return self._consuming() if self._consuming is not None else True
+
     def _loop(self) -> None:
-        while not self._stop.wait(self.settings.heartbeat_s):
-            self.beat()
+        # Every period, and at once when the consumer stops or starts consuming.
+        due = time.monotonic() + self.settings.heartbeat_s
+        while not self._stop.wait(min(0.25, self.settings.heartbeat_s)):
+            if time.monotonic() >= due or self.consuming() != self._was_consuming:
+                self.beat()
+                due = time.monotonic() + self.settings.heartbeat_s
 
     def stop(self) -> None:
         """Stop beating and withdraw the record (a clean shutdown leaves no stale worker)."""

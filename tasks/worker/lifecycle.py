@@ -73,7 +73,7 @@ from tasks.worker.runtime import get_runtime
 if TYPE_CHECKING:
     from multiprocessing.synchronize import Semaphore
 
-__all__ = ["FirstBeat"]
+__all__ = ["Consuming", "FirstBeat"]
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +83,9 @@ _own_queue: str | None = None
 _heartbeat: Heartbeat | None = None
 # Released by a prefork child once its worker_process_init (and first beat) is done.
 _first_beat: Semaphore | None = None
+# 1 while the main process's consumer consumes, 0 while it reconnects (made before the fork,
+# shared with the child, whose heartbeat advertises the worker saturated while it is 0).
+_consuming: Any = None
 
 
 def _preload() -> None:
@@ -100,6 +103,7 @@ def _preload() -> None:
             runtime,
             registry_store(settings),
             QueueDepth(app, _own_queue, timeout_s=settings.heartbeat_s / 4),
+            consuming=_consumer_consumes if _consuming is not None else None,
         ).start()
         runtime.on_change = _heartbeat.beat
     metrics.serve(settings.metrics_port, settings.metrics_addr, runtime, app)
@@ -151,6 +155,8 @@ def _preload_in_main(sender: Any = None, **_: Any) -> None:
         )
     if sender is not None:
         _declare(list(consumed))
+        if _own_queue is not None:
+            _track_consuming(sender)
     refuse_text_content()  # kombu would hand such a body on undecoded and stop the worker
     # prefork children preload in worker_process_init; every other pool runs
     # tasks in this very process, which never forks, so load here.
@@ -160,6 +166,43 @@ def _preload_in_main(sender: Any = None, **_: Any) -> None:
         _preload()
     elif sender is not None and _own_queue is not None:
         _hold_consumer_for_first_beat(sender)
+
+
+def _consumer_consumes() -> bool:
+    return _consuming is None or bool(_consuming.value)
+
+
+def _track_consuming(worker: Any) -> None:
+    global _consuming
+    # Assume consuming until the consumer says otherwise: the first beat comes before the
+    # consumer starts (FirstBeat), and a fresh worker is routable at "ready." as before.
+    _consuming = multiprocessing.get_context("fork").Value("b", 1, lock=False)
+    worker.app.steps["consumer"].add(Consuming)
+
+
+class Consuming(bootsteps.StartStopStep):
+    """Flags whether the consumer consumes: set once it has started, cleared when it stops.
+
+    Celery stops the consumer's steps when its broker connection is lost and
+    starts them again after it reconnects (which can take a while: its
+    delayed-delivery setup tries every node of a broker URL list, about 10 s
+    for each one that is down).  Meanwhile the worker is alive and beating,
+    but nothing reaches it: its heartbeat advertises it saturated, so routers
+    send its requests to workers that consume.
+    """
+
+    label = "consuming flag"
+    requires = ("celery.worker.consumer.tasks:Tasks",)
+
+    def start(self, parent: Any) -> None:
+        if _consuming is not None:
+            _consuming.value = 1
+
+    def stop(self, parent: Any) -> None:
+        if _consuming is not None:
+            _consuming.value = 0
+
+    shutdown = stop
 
 
 def _hold_consumer_for_first_beat(worker: Any) -> None:

@@ -75,7 +75,33 @@ class Driver:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.seq = 0
+        self.seen: dict[str, float] = {}  # task id -> when this client saw its outcome published
         before_task_publish.connect(self._on_publish, weak=False)
+        threading.Thread(target=self._watch, daemon=True).start()
+
+    def _watch(self) -> None:
+        """Note when each outcome reaches this client (Redis PUBLISHes every stored result).
+
+        That, not the worker's ``date_done`` (stamped before the write crosses its
+        link), is the completion time a caller sees.
+        """
+        keyprefix = self.app.backend.task_keyprefix
+        prefix = keyprefix.decode() if isinstance(keyprefix, bytes) else str(keyprefix)
+        while True:
+            try:
+                pubsub = self.app.backend.client.pubsub(ignore_subscribe_messages=True)
+                pubsub.psubscribe(prefix + "*")
+                while True:
+                    message = pubsub.get_message(timeout=1.0)
+                    if message is None:
+                        continue
+                    at = time.time()
+                    meta = self.app.backend.decode_result(message["data"])
+                    if meta.get("status") in ("SUCCESS", "FAILURE"):
+                        task_id = message["channel"].decode()[len(prefix) :]
+                        self.seen.setdefault(task_id, at)
+            except Exception:
+                time.sleep(0.5)
 
     def _on_publish(
         self, routing_key: str | None = None, headers: dict[str, Any] | None = None, **_: Any
@@ -198,6 +224,7 @@ class Driver:
                 stamp = datetime.fromisoformat(done).replace(tzinfo=UTC).timestamp()
             else:
                 continue
+            stamp = self.seen.get(task_id, stamp)
             done_times.append(stamp)
             result = meta.get("result")
             worker = str(result.get("worker")) if isinstance(result, dict) else "-"
@@ -220,6 +247,7 @@ class Driver:
             "longest_gap_s": round(longest[0], 3),
             "longest_gap_from": longest[1],
             "served_by": served_by,
+            "seen_by_client": sum(1 for i in outcomes if i in self.seen),
             "completions": sorted(completions, key=lambda c: c[1]),
             "publishes": self.publishes,
         }

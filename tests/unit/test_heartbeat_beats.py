@@ -88,3 +88,25 @@ def test_a_queue_count_that_fails_otherwise_costs_no_beat() -> None:
     store = _Store()
     _heartbeat(depth, store).beat()
     assert [c.in_flight for c in store.published] == [0]
+
+
+def test_a_worker_whose_consumer_stopped_is_advertised_saturated() -> None:
+    # The main process's consumer reconnecting (Celery stopped its steps): alive, beating,
+    # reachable, but nothing reaches it, so routers should send its requests elsewhere.
+    consuming = [True, False, True]
+    store = _Store()
+    cache: Any = SimpleNamespace(used_bytes=0, keys=lambda: [])
+    runtime: Any = SimpleNamespace(device=torch.device("cpu"), cache=cache)
+    beat = Heartbeat(
+        "w@h",
+        "cpu.direct.w",
+        "cpu",
+        Settings(max_in_flight=4),
+        runtime,
+        store,
+        lambda: 1,
+        consuming=lambda: consuming[len(store.published)],
+    )
+    for _ in range(3):
+        beat.beat()
+    assert [c.in_flight for c in store.published] == [1, 4, 1]
