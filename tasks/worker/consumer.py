@@ -122,6 +122,16 @@ class TelemetryConsumer(Consumer):
     with Celery's other reserved requests.
     """
 
+    class Blueprint(Consumer.Blueprint):
+        """Celery's consumer steps, with delayed delivery set up through one node of a cluster."""
+
+        default_steps = [
+            "tasks.worker.delayed_delivery:ClusterDelayedDelivery"
+            if step.endswith(":DelayedDelivery")
+            else step
+            for step in Consumer.Blueprint.default_steps
+        ]
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self.batching_strategies: dict[str, Any] = {}
         super().__init__(*args, **kwargs)

@@ -192,7 +192,8 @@ class Consuming(bootsteps.StartStopStep):
     """
 
     label = "consuming flag"
-    requires = ("celery.worker.consumer.tasks:Tasks",)
+    # After the delayed-delivery setup, the last step before the event loop consumes.
+    requires = ("tasks.worker.delayed_delivery:ClusterDelayedDelivery",)
 
     def start(self, parent: Any) -> None:
         if _consuming is not None:
