@@ -115,9 +115,10 @@ class InferenceApp(Celery):
         here, with the same task id and a growing pause, up to
         ``publish_retries`` times: a quorum queue nacks while it elects a new
         leader (about half a second after its leader's node dies).  What still
-        fails is :class:`~models.errors.PublishFailed` naming the task id:
-        never a bare kombu or socket error, and never an endless wait on a
-        silent broker.
+        fails is :class:`~models.errors.PublishFailed` naming the task id (a
+        failed TLS handshake: :class:`~models.errors.ConfigurationError`, which
+        no retry mends): never a bare kombu or socket error, and never an
+        endless wait on a silent broker.
         """
         settings = self.infer_settings
         if settings.embedded or not settings.broker.startswith(("amqp", "pyamqp")):
@@ -126,7 +127,7 @@ class InferenceApp(Celery):
         from celery.utils import uuid
         from kombu.exceptions import OperationalError
 
-        from tasks.client.publish import nacked, unconfirmed
+        from tasks.client.publish import nacked, tls_refused, unconfirmed
 
         kwargs["task_id"] = kwargs.get("task_id") or uuid()
         kwargs.setdefault("confirm_timeout", settings.publish_confirm_timeout_s)
@@ -136,6 +137,9 @@ class InferenceApp(Celery):
             try:
                 return super().send_task(*args, **kwargs)
             except (OperationalError, MessageNacked, OSError, TimeoutError) as e:
+                refused = tls_refused(kwargs["task_id"], e)
+                if refused is not None:
+                    raise refused from e
                 if not nacked(e):
                     raise unconfirmed(kwargs["task_id"], e, retries) from e
                 if attempt == retries:

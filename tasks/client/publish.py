@@ -60,7 +60,7 @@ from typing import Any, TypeVar
 from celery.result import AsyncResult, GroupResult
 from celery.utils import uuid
 
-from models.errors import PublishFailed
+from models.errors import ConfigurationError, PublishFailed
 
 __all__ = [
     "DEFAULT_WINDOW",
@@ -173,12 +173,36 @@ def nacked(error: BaseException) -> bool:
     """Whether ``error`` is, or was caused by, the broker's nack of the message."""
     from amqp.exceptions import MessageNacked
 
+    return any(isinstance(e, MessageNacked) for e in _causes(error))
+
+
+def _causes(error: BaseException) -> list[BaseException]:
+    chain: list[BaseException] = []
     seen: BaseException | None = error
-    while seen is not None:
-        if isinstance(seen, MessageNacked):
-            return True
+    while seen is not None and seen not in chain:
+        chain.append(seen)
         seen = seen.__cause__ or seen.__context__
-    return False
+    return chain
+
+
+def tls_refused(task_id: str, error: BaseException) -> ConfigurationError | None:
+    """A ConfigurationError when ``error`` is a failed TLS handshake with the broker, else None.
+
+    Retrying cannot help and nothing was published: the certificates or the
+    broker's host name are wrong, so the caller is told which settings to check.
+    """
+    import ssl
+
+    failed = next((e for e in _causes(error) if isinstance(e, ssl.SSLError)), None)
+    if failed is None:
+        return None
+    return ConfigurationError(
+        f"task {task_id} was not published: the TLS handshake with the broker failed "
+        f"({type(failed).__name__}: {failed}): check INFER_BROKER_TLS_CA (the CA that signed "
+        "the broker's certificate), INFER_BROKER_TLS_CERT/INFER_BROKER_TLS_KEY (a client "
+        "certificate the broker trusts) and that CELERY_BROKER_URL names a host in the "
+        "broker's certificate"
+    )
 
 
 def unconfirmed(task_id: str, error: BaseException, retries: int, nacks: int = 0) -> PublishFailed:

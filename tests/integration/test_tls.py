@@ -29,6 +29,7 @@ from kombu import Connection, Queue, pools
 from kombu.exceptions import OperationalError
 from kombu.utils.collections import eqhash
 
+from models.errors import ConfigurationError, PublishFailed
 from models.runner import reference_forward
 from tasks.app import InferenceApp, broker_use_ssl
 from tasks.client.results import outputs
@@ -338,11 +339,16 @@ def test_amqps_refuses_at_connect(
         else:
             assert isinstance(refused, ssl.SSLError | ConnectionError), repr(refused)
         start = time.monotonic()
-        with pytest.raises(OperationalError) as publish:  # kombu's wrapper of the same error
+        # The caller gets our typed error naming the settings to check, caused by the same one.
+        # (A refusal by the server is an SSL alert, or a reset when the socket closes first.)
+        expected = ConfigurationError if client_error else (ConfigurationError, PublishFailed)
+        with pytest.raises(expected) as publish:
             client.send_task("tasks.diag.noop", queue=probe)
         assert time.monotonic() - start < 10
         chain = causes(publish.value)
         assert any(isinstance(e, ssl.SSLError | ConnectionError) for e in chain), chain
+        if client_error:
+            assert "INFER_BROKER_TLS_CA" in str(publish.value), publish.value
     finally:
         close_client(client)
     if server_alert:  # the node says why: once for the connect, once for the publish

@@ -96,3 +96,22 @@ def test_a_nack_is_recognised_through_kombus_wrapping() -> None:
     assert not nacked(OperationalError("connection refused"))
     assert error.task_ids == ("t-2",)
     assert "nacked it 11 times" in str(error)
+
+
+def test_a_failed_tls_handshake_is_a_configuration_error_naming_the_settings() -> None:
+    import ssl
+
+    from kombu.exceptions import OperationalError
+
+    from tasks.client.publish import tls_refused
+
+    try:
+        try:
+            raise ssl.SSLCertVerificationError("certificate verify failed: IP address mismatch")
+        except ssl.SSLError as e:
+            raise OperationalError(str(e)) from e
+    except OperationalError as wrapped:
+        error = tls_refused("t-3", wrapped)
+    assert isinstance(error, ConfigurationError)
+    assert "IP address mismatch" in str(error) and "INFER_BROKER_TLS_CA" in str(error)
+    assert tls_refused("t-4", OperationalError("connection refused")) is None
