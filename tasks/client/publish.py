@@ -173,10 +173,11 @@ def nacked(error: BaseException) -> bool:
     """Whether ``error`` is, or was caused by, the broker's nack of the message."""
     from amqp.exceptions import MessageNacked
 
-    return any(isinstance(e, MessageNacked) for e in _causes(error))
+    return any(isinstance(e, MessageNacked) for e in causes(error))
 
 
-def _causes(error: BaseException) -> list[BaseException]:
+def causes(error: BaseException) -> list[BaseException]:
+    """``error`` and every exception it was raised from or during, in order."""
     chain: list[BaseException] = []
     seen: BaseException | None = error
     while seen is not None and seen not in chain:
@@ -193,7 +194,7 @@ def tls_refused(task_id: str, error: BaseException) -> ConfigurationError | None
     """
     import ssl
 
-    failed = next((e for e in _causes(error) if isinstance(e, ssl.SSLError)), None)
+    failed = next((e for e in causes(error) if isinstance(e, ssl.SSLError)), None)
     if failed is None:
         return None
     return ConfigurationError(

@@ -22,8 +22,7 @@ import logging
 from typing import Any
 
 from celery.worker.consumer.delayed_delivery import DelayedDelivery
-from kombu import Connection
-from kombu.utils.url import maybe_sanitize_url
+from kombu.utils.url import maybe_sanitize_url, parse_url
 
 __all__ = ["ClusterDelayedDelivery"]
 
@@ -31,8 +30,8 @@ log = logging.getLogger(__name__)
 
 
 def _node(url: str) -> tuple[str, int]:
-    conn = Connection(url)
-    return (str(conn.hostname), int(conn.port or 5672))
+    parts = parse_url(url)
+    return (str(parts.get("hostname")), int(parts.get("port") or 5672))
 
 
 class ClusterDelayedDelivery(DelayedDelivery):

@@ -32,6 +32,7 @@ from kombu.utils.collections import eqhash
 from models.errors import ConfigurationError, PublishFailed
 from models.runner import reference_forward
 from tasks.app import InferenceApp, broker_use_ssl
+from tasks.client.publish import causes
 from tasks.client.results import outputs
 from tasks.ops.demo import sample_inputs
 from tasks.ops.launcher import WorkerProcess
@@ -83,16 +84,6 @@ def rabbit_tls(certs: Certs, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     finally:
         killed = node.stop()
     assert killed == [] and stray_processes(node.tag) == [], f"stray RabbitMQ processes: {killed}"
-
-
-def causes(exc: BaseException) -> list[BaseException]:
-    """``exc`` and every exception it was raised from or during."""
-    chain: list[BaseException] = []
-    seen: BaseException | None = exc
-    while seen is not None and seen not in chain:
-        chain.append(seen)
-        seen = seen.__cause__ or seen.__context__
-    return chain
 
 
 # ------------------------------------------------------------------------------------- Redis

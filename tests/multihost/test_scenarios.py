@@ -75,6 +75,18 @@ def busiest(driver: Driver, deployment: Deployment, since: float) -> str:
     return max(by_host, key=lambda h: by_host[h])
 
 
+def loaded(
+    d: Deployment, scenario: str, scale: Scale, warm_s: float | None = None
+) -> tuple[Driver, str]:
+    """The scenario's driver publishing ``mlp`` at ``scale.rate``, and after ``warm_s``
+    (default ``scale.seconds``) of it, the worker host its router sticks to."""
+    driver = d.driver(scenario)
+    started = time.time()
+    driver.call("start", rate=scale.rate, models=["mlp"])
+    time.sleep(scale.seconds if warm_s is None else warm_s)
+    return driver, busiest(driver, d, started)
+
+
 def wait_for(predicate: Any, timeout: float, every: float = 0.25) -> float | None:
     """Poll ``predicate`` until true; the time it became true, or None after ``timeout``."""
     deadline = time.monotonic() + timeout
@@ -164,11 +176,7 @@ def test_minority_partition(healthy: Deployment, scale: Scale) -> None:
 def test_worker_host_cut_off(healthy: Deployment, scale: Scale) -> None:
     """3. A worker host cut off from everything for longer than two heartbeats, then healed."""
     d = healthy
-    driver = d.driver("worker_host_cut")
-    started = time.time()
-    driver.call("start", rate=scale.rate, models=["mlp"])
-    time.sleep(scale.seconds)
-    host = busiest(driver, d, started)
+    driver, host = loaded(d, "worker_host_cut", scale)
     victim = d.workers[host]
     cut_at = time.time()
     d.topology.cut(host)
@@ -264,11 +272,7 @@ def test_worker_link_delay_and_loss(healthy: Deployment, scale: Scale) -> None:
     connections go through from the start.
     """
     d = healthy
-    driver = d.driver("worker_link_netem")
-    started = time.time()
-    driver.call("start", rate=scale.rate, models=["mlp"])
-    time.sleep(scale.seconds * 2)
-    host = busiest(driver, d, started)
+    driver, host = loaded(d, "worker_link_netem", scale, warm_s=scale.seconds * 2)
     try:
         netem_at = time.time()
         d.delay(host, 20)
@@ -310,11 +314,7 @@ def test_worker_link_delay_and_loss(healthy: Deployment, scale: Scale) -> None:
 def test_redis_unreachable_from_worker_host(healthy: Deployment, scale: Scale) -> None:
     """6. Redis unreachable from one worker host for 10 s: its result writes retry; 0 lost."""
     d = healthy
-    driver = d.driver("worker_redis_outage")
-    started = time.time()
-    driver.call("start", rate=scale.rate, models=["mlp"])
-    time.sleep(scale.seconds)
-    host = busiest(driver, d, started)
+    driver, host = loaded(d, "worker_redis_outage", scale)
     cut_at = time.time()
     d.topology.drop(host, ["redis"], "both")
     time.sleep(10.0)
@@ -334,11 +334,7 @@ def test_asymmetric_partition(healthy: Deployment, scale: Scale, unreachable: st
     """7. A worker host reaches the brokers but not Redis, or Redis but not the brokers."""
     d = healthy
     scenario = f"asymmetric_no_{unreachable}"
-    driver = d.driver(scenario)
-    started = time.time()
-    driver.call("start", rate=scale.rate, models=["mlp"])
-    time.sleep(scale.seconds)
-    host = busiest(driver, d, started)
+    driver, host = loaded(d, scenario, scale)
     victim = d.workers[host]
     peers = ["redis"] if unreachable == "redis" else ["broker1", "broker2", "broker3"]
     cut_at = time.time()
