@@ -20,6 +20,7 @@ echoed through :func:`echo`, which cuts it short.
     │   ├── InputExpired           a claim-checked input's blob is gone from Redis (expired or already used)
     │   ├── PayloadTooLarge        over the configured byte limit
     │   ├── UnsupportedDtype       the worker's device cannot run that precision
+    │   ├── DeadlineExceeded       its deadline (``expires=`` or a ``deadline`` header) passed: never computed
     │   └── InvalidInput           decoded, but wrong for this model
     │       ├── ShapeMismatch
     │       ├── DtypeMismatch
@@ -36,6 +37,7 @@ echoed through :func:`echo`, which cuts it short.
     │   └── UnsafeWeightsFile      a pickle-based file (.pt/.pth/.bin/.pkl) was offered
     ├── ModelTooLarge              a model does not fit the cache budget at all
     ├── NoCapableWorker            no live worker can serve the request (routing)
+    ├── Overloaded                 refused at submit: the expected wait exceeds its deadline, or the queue is full
     ├── ChunkFailed                one chunk of an infer_many job failed (names its range)
     ├── PublishFailed              pipelined publishes not confirmed by the broker (names their task ids)
     └── TaskCrashed                the task killed its worker on every delivery: dead-lettered
@@ -52,6 +54,7 @@ __all__ = [
     "BadRequirements",
     "ChunkFailed",
     "ConfigurationError",
+    "DeadlineExceeded",
     "DtypeMismatch",
     "EmptyText",
     "InferenceError",
@@ -67,6 +70,7 @@ __all__ = [
     "NonFiniteInput",
     "NonNumericInput",
     "NonTextInput",
+    "Overloaded",
     "PayloadTooLarge",
     "PublishFailed",
     "RequestError",
@@ -168,6 +172,15 @@ class UnsupportedDtype(RequestError):
     """The requested compute precision cannot run on this worker's device."""
 
 
+class DeadlineExceeded(RequestError):
+    """The request's deadline passed before it could be computed; it never was.
+
+    Raised at submit (the deadline is already past), or stored as the
+    request's result by the worker that dropped it: in its consumer, or just
+    before its batch's forward pass.  Send it again with a later deadline.
+    """
+
+
 class InvalidInput(RequestError):
     """The input decoded fine but does not fit the model's input spec."""
 
@@ -230,6 +243,16 @@ class ModelTooLarge(InferenceError):
 
 class NoCapableWorker(InferenceError):
     """No live worker satisfies the request's requirements."""
+
+
+class Overloaded(InferenceError):
+    """Refused at submit, nothing published: the fleet cannot serve the request in time.
+
+    Either the expected wait (advertised backlog over measured service rate)
+    exceeds the request's deadline, or the broker refused the publish because
+    the class queue is at ``INFER_MAX_QUEUE_LENGTH``.  Retry later, with a
+    longer deadline, or add workers.
+    """
 
 
 class ChunkFailed(InferenceError):

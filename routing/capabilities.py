@@ -248,6 +248,15 @@ class WorkerCapabilities:
     max_in_flight: int = 4
     heartbeat: float = 0.0  # wall-clock seconds of the last beat
     device_class_queue: str = field(default="")  # shared fallback queue (cpu / gpu)
+    # Admission control (routing.admission): requests per second this worker completes while
+    # it has work (0.0: not measured yet), and the requests ahead of a new one here: waiting or
+    # running in the worker, ready in its direct queue, and its share of its class queue.
+    service_rate: float = 0.0
+    backlog: int = 0
+    # False while it cannot consume (no broker answers, or its consumer is reconnecting).
+    accepting: bool = True
+    # queue -> [queue wait in s of the latest message taken from it, wall time it was taken].
+    queue_heads: Mapping[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -262,6 +271,7 @@ class WorkerCapabilities:
         data["dtypes"] = tuple(data.get("dtypes", ()))
         data["models_loaded"] = tuple(data.get("models_loaded", ()))
         data["models"] = dict(data.get("models") or {})
+        data["queue_heads"] = dict(data.get("queue_heads") or {})
         return cls(**data)
 
 

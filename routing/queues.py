@@ -77,9 +77,20 @@ def dead_letter_arguments(fallback: str, ttl_ms: int) -> dict[str, object]:
 
 
 def queue_arguments(
-    queue: str, queue_type: str = "quorum", delivery_limit: int = 5, direct_ttl_ms: int = 4000
+    queue: str,
+    queue_type: str = "quorum",
+    delivery_limit: int = 5,
+    direct_ttl_ms: int = 4000,
+    max_length: int = 0,
 ) -> dict[str, object]:
-    """The x-arguments every client and worker declares ``queue`` with."""
+    """The x-arguments every client and worker declares ``queue`` with.
+
+    A class queue is bounded by ``max_length`` ready messages (0: unbounded)
+    with ``x-overflow=reject-publish``: past it the broker nacks a publish
+    (the client raises ``Overloaded``) instead of queueing without bound.  A
+    direct queue is not bounded itself: what it dead-letters into a full class
+    queue stays in it (at-least-once dead-lettering retries) until there is room.
+    """
     if queue_type not in QUEUE_TYPES:
         raise ValueError(f"queue type {queue_type!r} is not one of {QUEUE_TYPES}")
     if queue.endswith(DEAD_SUFFIX):  # a dead-letter queue keeps what it gets
@@ -88,6 +99,9 @@ def queue_arguments(
     arguments: dict[str, object] = {}
     if fallback is not None:
         arguments.update(dead_letter_arguments(fallback, direct_ttl_ms))
+    elif max_length:
+        arguments["x-max-length"] = max_length
+        arguments["x-overflow"] = "reject-publish"
     if queue_type == "classic":  # no delivery limit: documented in docs/guarantees.md
         return arguments
     if fallback is None:

@@ -258,6 +258,36 @@ class Settings:
         5.0,
         "longest wait for the broker's confirm of one publish before it is retried, s",
     )
+    max_queue_length: int = setting(
+        "INFER_MAX_QUEUE_LENGTH",
+        100_000,
+        "class queue bound (x-max-length): a publish past it raises Overloaded (0: none)",
+        at_least=0,
+    )
+    admission: bool = setting(
+        "INFER_ADMISSION",
+        True,
+        "refuse a request with a deadline (Overloaded) when its expected wait exceeds it",
+    )
+    admission_margin: float = setting(
+        "INFER_ADMISSION_MARGIN",
+        0.25,
+        "safety margin of admission control: refused when wait x (1 + margin) > time left",
+    )
+    service_rate_window_s: float = setting(
+        "INFER_SERVICE_RATE_WINDOW_S",
+        10.0,
+        "sliding window of a worker's measured service rate (advertised in its heartbeat), s",
+    )
+    exporter_port: int = setting(
+        "INFER_EXPORTER_PORT", 9809, "the queue exporter's Prometheus /metrics port", at_least=0
+    )
+    exporter_addr: str = setting(
+        "INFER_EXPORTER_ADDR", "127.0.0.1", "address the queue exporter listens on"
+    )
+    exporter_interval_s: float = setting(
+        "INFER_EXPORTER_INTERVAL_S", 2.0, "how often the queue exporter reads the queues, s"
+    )
     backend_retries: int = setting(
         "INFER_BACKEND_RETRIES", 30, "result-backend retries before a task fails", at_least=0
     )

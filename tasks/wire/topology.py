@@ -31,16 +31,18 @@ class InferenceQueues(Queues):
         queue_type: str = "quorum",
         delivery_limit: int = 5,
         direct_ttl_ms: int = 4000,
+        max_length: int = 0,
         **kwargs: Any,
     ) -> None:
         self.queue_type = queue_type
         self.delivery_limit = delivery_limit
         self.direct_ttl_ms = direct_ttl_ms
+        self.max_length = max_length
         super().__init__(*args, **kwargs)
 
     def __setitem__(self, name: str, queue: Queue) -> None:
         arguments = queue_arguments(
-            queue.name, self.queue_type, self.delivery_limit, self.direct_ttl_ms
+            queue.name, self.queue_type, self.delivery_limit, self.direct_ttl_ms, self.max_length
         )
         queue.queue_arguments = {**(queue.queue_arguments or {}), **arguments}  # type: ignore[attr-defined]
         super().__setitem__(name, queue)
@@ -56,6 +58,7 @@ class InferenceAMQP(AMQP):
                 queue_type=settings.queue_type,
                 delivery_limit=settings.delivery_limit,
                 direct_ttl_ms=settings.direct_queue_ttl_ms,
+                max_length=settings.max_queue_length,
                 **kw,
             )
 

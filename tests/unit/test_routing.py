@@ -469,6 +469,12 @@ def test_queue_arguments_per_kind_of_queue() -> None:
     )
     with pytest.raises(ValueError, match="queue type"):
         queue_arguments("cpu", "stream")
+    # INFER_MAX_QUEUE_LENGTH bounds class queues only (a publish past it is nacked), any type
+    bounded = {"x-max-length": 7, "x-overflow": "reject-publish"}
+    assert queue_arguments("gpu", max_length=7) == {**queue_arguments("gpu"), **bounded}
+    assert queue_arguments("cpu", "classic", max_length=7) == bounded
+    assert queue_arguments("gpu.direct.gpu0", max_length=7) == queue_arguments("gpu.direct.gpu0")
+    assert queue_arguments("gpu.dead", max_length=7) == {"x-queue-type": "quorum"}
 
 
 def test_celery_declares_every_queue_with_its_arguments() -> None:
@@ -477,8 +483,13 @@ def test_celery_declares_every_queue_with_its_arguments() -> None:
     settings = app.infer_settings
     for name in (direct_queue("cpu", "cpu7"), "cpu-plain", "cpu"):
         assert app.amqp.queues[name].queue_arguments == queue_arguments(
-            name, settings.queue_type, settings.delivery_limit, settings.direct_queue_ttl_ms
+            name,
+            settings.queue_type,
+            settings.delivery_limit,
+            settings.direct_queue_ttl_ms,
+            settings.max_queue_length,
         )
+    assert app.amqp.queues["cpu"].queue_arguments["x-max-length"] == settings.max_queue_length
     assert app.amqp.queues["cpu"].exchange.type == "topic"  # for native delayed delivery
 
 
