@@ -57,18 +57,22 @@ class QueueDepth:
         return self._conn
 
     def __call__(self) -> int:
+        return self.counts()[0]
+
+    def counts(self, queue: str | None = None) -> tuple[int, int]:
+        """(ready messages, consumers) of ``queue`` (default: this probe's); (0, 0) if undeclared."""
         from amqp.exceptions import NotFound
 
         conn = self._connection()
         try:
-            declared = conn.default_channel.queue_declare(queue=self.queue, passive=True)
+            declared = conn.default_channel.queue_declare(queue=queue or self.queue, passive=True)
         except NotFound:  # not declared yet: nothing waits in it
             self.close()
-            return 0
+            return 0, 0
         except Exception as e:
             self.close()
             raise BrokerUnreachable(f"{type(e).__name__}: {e}") from e
-        return int(declared.message_count)
+        return int(declared.message_count), int(declared.consumer_count)
 
     def close(self) -> None:
         """Drop the connection; the next probe connects afresh (to the next node first)."""
