@@ -85,11 +85,12 @@ def queue_arguments(
 ) -> dict[str, object]:
     """The x-arguments every client and worker declares ``queue`` with.
 
-    A class queue is bounded by ``max_length`` ready messages (0: unbounded)
-    with ``x-overflow=reject-publish``: past it the broker nacks a publish
-    (the client raises ``Overloaded``) instead of queueing without bound.  A
-    direct queue is not bounded itself: what it dead-letters into a full class
-    queue stays in it (at-least-once dead-lettering retries) until there is room.
+    A task queue (class or direct) holds at most ``max_length`` ready
+    messages (0: unbounded), with ``x-overflow=reject-publish``: past it the
+    broker nacks a publish (the client raises ``Overloaded``) instead of
+    queueing without bound.  What a direct queue dead-letters into a full
+    class queue stays in the direct queue (at-least-once dead-lettering
+    retries) until there is room.  Dead-letter queues are not bounded.
     """
     if queue_type not in QUEUE_TYPES:
         raise ValueError(f"queue type {queue_type!r} is not one of {QUEUE_TYPES}")
@@ -99,7 +100,7 @@ def queue_arguments(
     arguments: dict[str, object] = {}
     if fallback is not None:
         arguments.update(dead_letter_arguments(fallback, direct_ttl_ms))
-    elif max_length:
+    if max_length:
         arguments["x-max-length"] = max_length
         arguments["x-overflow"] = "reject-publish"
     if queue_type == "classic":  # no delivery limit: documented in docs/guarantees.md

@@ -19,7 +19,11 @@ tasks the decision ladder is:
    If live workers exist but none advertises the requested ``dtype``, that is
    :func:`~models.errors.unsupported_dtype` (an ``UnsupportedDtype``, as a
    worker would raise); else :class:`~models.errors.NoCapableWorker` naming
-   each worker's unmet requirement.
+   each worker's unmet requirement;
+6. admission (a request with a deadline, :mod:`routing.admission`): if the
+   chosen worker's expected wait does not fit the time left, the capable
+   worker whose wait fits best takes it; if none fits,
+   :class:`~models.errors.Overloaded`, nothing published.
 
 The router reads a cached registry snapshot and waits on the network only in
 step 4.  A ``requires`` header that is not a valid requirement raises
@@ -35,9 +39,11 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from models.errors import InferenceError, NoCapableWorker, UnsupportedDtype, unsupported_dtype
+from routing.admission import Admission
 from routing.capabilities import DTYPES, TaskRequirements, WorkerCapabilities, best, match, unmet
 from routing.sticky import StickyCache
 
@@ -58,6 +64,8 @@ class RouterStats:
     spills: int = 0  # sticky worker at its in-flight limit: this request went elsewhere
     misses: int = 0  # no sticky entry: chose fresh
     errors: int = 0  # refused: NoCapableWorker or UnsupportedDtype raised
+    overloaded: int = 0  # refused by admission control: Overloaded raised
+    rerouted: int = 0  # the chosen worker's wait did not fit the deadline: another one's did
     decision_us: deque[float] = field(default_factory=lambda: deque(maxlen=10_000))
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -79,6 +87,8 @@ class RouterStats:
             "spills": self.spills,
             "misses": self.misses,
             "errors": self.errors,
+            "overloaded": self.overloaded,
+            "rerouted": self.rerouted,
             "sticky_hit_rate": round(self.sticky_hit_rate, 4),
             "decision_us": {k: round(v, 2) for k, v in pct.items()},
         }
@@ -93,10 +103,12 @@ class CapabilityRouter:
         requirements_for: Callable[[str, Any, Any], TaskRequirements | None],
         sticky: StickyCache | None = None,
         clock: Callable[[], float] = time.perf_counter,
+        admission: Admission | None = None,
     ) -> None:
         self._workers = workers
         self._requirements_for = requirements_for
         self.sticky = sticky or StickyCache()
+        self.admission = admission or Admission()
         self.stats = RouterStats()
         self._clock = clock
         # The LiveRegistry feeding ``workers``, when there is one: refreshed once before a refusal.
@@ -121,9 +133,27 @@ class CapabilityRouter:
             return None  # not an inference task: Celery's default routing applies
         overrides = (options.get("headers") or {}).get(REQUIRES_HEADER)
         req = base if overrides is None else base.merged(overrides)  # BadRequirements
-        return {"queue": self.decide(req).queue}
+        expires = options.get("expires")  # the client made any deadline an absolute datetime
+        deadline = expires.timestamp() if isinstance(expires, datetime) else None
+        return {"queue": self.decide(req, deadline).queue}
 
-    def decide(self, req: TaskRequirements) -> WorkerCapabilities:
+    def decide(self, req: TaskRequirements, deadline: float | None = None) -> WorkerCapabilities:
+        """The ladder, then admission against ``deadline`` (wall-clock seconds; see the module)."""
+        chosen = self._decide(req)
+        if deadline is not None and self.admission.enabled:
+            workers = self._workers()
+            try:
+                admitted = self.admission.choose(chosen, match(req, workers.values()), deadline)
+            except InferenceError:
+                self._count("overloaded", decision=False)
+                raise
+            if admitted is not chosen:
+                self._count("rerouted", decision=False)
+                chosen = admitted
+        self.admission.routed(chosen.name)
+        return chosen
+
+    def _decide(self, req: TaskRequirements) -> WorkerCapabilities:
         """The ladder: sticky hit, spill, best capable worker, else refuse (see the module)."""
         started = self._clock()
         try:
@@ -212,7 +242,7 @@ def _peek(
 ) -> WorkerCapabilities:
     """What ``decide`` would return, on a copy of the state (no sticky update, no stats)."""
     probe = CapabilityRouter(lambda: workers, router._requirements_for, router.sticky.copy())
-    return probe.decide(req)
+    return probe._decide(req)
 
 
 def _refusal(req: TaskRequirements, workers: Mapping[str, WorkerCapabilities]) -> InferenceError:

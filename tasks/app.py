@@ -24,6 +24,8 @@ from celery.signals import before_task_publish
 from tasks.client.routes import AppRoute
 from tasks.settings import SERIALIZERS, Settings
 from tasks.wire.codec import display
+from tasks.wire.deadline import DEADLINE_HEADER
+from tasks.wire.deadline import normalize as normalize_deadline
 
 if TYPE_CHECKING:
     from routing.router import CapabilityRouter
@@ -95,6 +97,9 @@ class InferenceApp(Celery):
             signing.enable(self, self.infer_settings.serializer)
 
     def send_task(self, *args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("expires") is not None or (kwargs.get("headers") or {}).get(DEADLINE_HEADER):
+            # One absolute deadline in expires= and the header; already past: DeadlineExceeded.
+            normalize_deadline(kwargs, time.time())
         local = self._publishing
         local.depth = getattr(local, "depth", 0) + 1
         try:
@@ -127,7 +132,7 @@ class InferenceApp(Celery):
         from celery.utils import uuid
         from kombu.exceptions import OperationalError
 
-        from tasks.client.publish import nacked, tls_refused, unconfirmed
+        from tasks.client.publish import full_queue, nacked, tls_refused, unconfirmed
 
         kwargs["task_id"] = kwargs.get("task_id") or uuid()
         kwargs.setdefault("confirm_timeout", settings.publish_confirm_timeout_s)
@@ -142,6 +147,9 @@ class InferenceApp(Celery):
                     raise refused from e
                 if not nacked(e):
                     raise unconfirmed(kwargs["task_id"], e, retries) from e
+                full = full_queue(self, getattr(_routed, "queue", None), kwargs["task_id"])
+                if full is not None:
+                    raise full from e
                 if attempt == retries:
                     raise unconfirmed(kwargs["task_id"], e, retries, nacks=attempt + 1) from e
                 time.sleep(min(2.0, 0.1 * 2**attempt))
@@ -325,13 +333,20 @@ app = InferenceApp()
 app.conf.include = WORKER_MODULES
 
 
+# The queue this thread's last publish went to (default exchange: the routing key), which a
+# nacked publish checks for being full (tasks.client.publish.full_queue).
+_routed = threading.local()
+
+
 @before_task_publish.connect
 def _stamp_sent_at(
     sender: str | None = None,
     headers: dict[str, Any] | None = None,
     body: Any = None,
+    routing_key: str | None = None,
     **_: Any,
 ) -> None:
+    _routed.queue = routing_key
     # The signal fires for every Celery app in the process: stamp only our tasks.
     if headers is not None and sender in app.tasks:
         headers.setdefault(SENT_AT_HEADER, time.time())

@@ -42,6 +42,8 @@ from tasks.app import SENT_AT_HEADER, app, display_call
 from tasks.client.publish import DEFAULT_WINDOW, MapResult, publish_many
 from tasks.wire import blobs
 from tasks.wire.codec import encode, to_array
+from tasks.wire.deadline import check as check_deadline
+from tasks.wire.deadline import of_request
 from tasks.wire.request import as_array, check_dtype, infer_call
 from tasks.worker.dedup import IdempotentTask
 
@@ -225,6 +227,8 @@ def infer(self: InferenceTask, model: str, inputs: Any, dtype: str | None = None
     inputs = blobs.resolve(app, inputs, settings.max_payload_bytes)  # a reference: its blob's array
     precision = resolve_dtype(dtype, spec, runtime.device)
     batch = runtime.checked_batch(spec, precision, inputs)
+    # Just before the forward pass: past its deadline, it is never computed (DeadlineExceeded).
+    check_deadline(of_request(self.request, started), time.time(), "its forward pass")
     outputs, compute_ms = runtime.forward_batch(runtime.group_key(spec, precision, batch), batch)
     return reply(
         spec,

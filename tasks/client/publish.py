@@ -60,7 +60,7 @@ from typing import Any, TypeVar
 from celery.result import AsyncResult, GroupResult
 from celery.utils import uuid
 
-from models.errors import ConfigurationError, PublishFailed
+from models.errors import ConfigurationError, Overloaded, PublishFailed
 
 __all__ = [
     "DEFAULT_WINDOW",
@@ -174,6 +174,31 @@ def nacked(error: BaseException) -> bool:
     from amqp.exceptions import MessageNacked
 
     return any(isinstance(e, MessageNacked) for e in causes(error))
+
+
+def full_queue(app: Any, queue: str | None, task_id: str) -> Overloaded | None:
+    """After a nack: :class:`~models.errors.Overloaded` if ``queue`` is at its ``x-max-length``.
+
+    A bounded queue (``INFER_MAX_QUEUE_LENGTH``, ``x-overflow=reject-publish``)
+    nacks a publish while it is full; a quorum queue also nacks while it
+    elects a new leader, which a retry mends.  One passive declare tells them
+    apart: full means Overloaded at once (never retried into a full queue).
+    """
+    limit = app.infer_settings.max_queue_length
+    if not queue or not limit:
+        return None
+    try:
+        with app.connection_for_write(connect_timeout=2.0) as conn:
+            ready = int(conn.default_channel.queue_declare(queue=queue, passive=True).message_count)
+    except Exception:  # the broker is away: the usual retries decide
+        return None
+    if ready < limit:
+        return None
+    return Overloaded(
+        f"queue {queue} is full ({ready} ready messages, INFER_MAX_QUEUE_LENGTH={limit}): "
+        f"the broker refused task {task_id}, nothing was queued. Retry later, add workers, "
+        "or send it with a deadline so admission control refuses it before publishing"
+    )
 
 
 def causes(error: BaseException) -> list[BaseException]:

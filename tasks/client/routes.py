@@ -27,6 +27,7 @@ from typing import Any
 
 from models.spec import ModelSpec, parse_ref
 from models.text import check_text
+from routing.admission import Admission
 from routing.capabilities import TaskRequirements
 from routing.registry import LiveRegistry
 from routing.router import CapabilityRouter
@@ -114,11 +115,17 @@ def _requirements(spec: ModelSpec, model: object, dtype: object) -> TaskRequirem
 def build_router(settings: Settings) -> CapabilityRouter:
     """A router over the registry ``settings`` name (backend, namespace, heartbeat)."""
     sticky = StickyCache(ttl_s=settings.sticky_ttl_s, max_size=settings.sticky_size)
+    admission = Admission(margin=settings.admission_margin, enabled=settings.admission)
+
+    def lost(worker: str) -> None:
+        sticky.drop_worker(worker)
+        admission.forget(worker)
+
     registry = LiveRegistry(
         registry_store(settings),
         ttl_s=2 * settings.heartbeat_s,
         refresh_s=min(0.5, settings.heartbeat_s / 2),
-        on_lost=sticky.drop_worker,
+        on_lost=lost,
         # A worker dropped name@version: forget its sticky keys for that model.
         on_evicted=lambda worker, ref: sticky.invalidate(worker=worker, model=ref.split("@")[0]),
     )
@@ -126,7 +133,7 @@ def build_router(settings: Settings) -> CapabilityRouter:
     requirements = functools.partial(
         requirements_for, max_payload_bytes=settings.max_payload_bytes, specs=specs
     )
-    router = CapabilityRouter(registry.workers, requirements, sticky)
+    router = CapabilityRouter(registry.workers, requirements, sticky, admission=admission)
     router.registry = registry
     router.specs = specs
     return router

@@ -15,6 +15,8 @@ In the child, per batch:
    a bad one fails with its typed error and the others go on.
 3. **One forward pass per (model, precision, sample shape, dtype)**: the
    checked inputs are concatenated (a request may carry several samples).
+   Just before each pass, a request past its deadline is dropped from it
+   with :class:`~models.errors.DeadlineExceeded` (never computed).
    Past the device's free memory the pass is split.  If a pass raises, its
    requests run one by one, so only the culprit fails.
 4. **Results in one pipeline** (:mod:`tasks.worker.result_pipeline`): the
@@ -52,12 +54,14 @@ from celery.app.task import Context
 from celery.exceptions import Ignore, Reject
 from celery.utils.serialization import get_pickleable_exception
 
-from models.errors import RequestError
+from models.errors import DeadlineExceeded, RequestError
 from models.spec import ModelSpec
 from models.validation import check_size
 from tasks.app import SENT_AT_HEADER, app
 from tasks.wire import blobs
 from tasks.wire.codec import display, encode
+from tasks.wire.deadline import check as check_deadline
+from tasks.wire.deadline import of_request
 from tasks.wire.request import check_dtype, infer_call
 from tasks.worker import result_pipeline
 
@@ -297,7 +301,23 @@ def _forward_groups(requests: list[_Request], runtime: Any, passes: list[Pass]) 
     for group_key, group in groups.items():
         cap = runtime.memory_cap(group_key)
         for part in _split(group, cap):
-            _forward(group_key, part, runtime.forward_batch, passes)
+            part = _in_time(part)
+            if part:
+                _forward(group_key, part, runtime.forward_batch, passes)
+
+
+def _in_time(part: list[_Request]) -> list[_Request]:
+    """The requests of ``part`` whose deadline has not passed; the others fail DeadlineExceeded."""
+    now = time.time()
+    kept: list[_Request] = []
+    for r in part:
+        try:
+            check_deadline(of_request(r.context, r.arrived), now, "its forward pass")
+        except DeadlineExceeded as e:
+            _fail(r, e)
+        else:
+            kept.append(r)
+    return kept
 
 
 def _split(group: list[_Request], cap: int | None) -> list[list[_Request]]:

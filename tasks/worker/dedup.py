@@ -32,7 +32,8 @@ log = logging.getLogger(__name__)
 class IdempotentTask(Task):
     """A task whose body runs at most once successfully per task id."""
 
-    Request = "tasks.worker.poison:PoisonAwareRequest"  # a dead-lettered poison task fails visibly
+    # A dead-lettered poison task fails visibly; one past its deadline fails DeadlineExceeded.
+    Request = "tasks.worker.expired:DeadlineRequest"
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         request = self.request

@@ -5,6 +5,13 @@ prefork child), publishing a :class:`~routing.capabilities.WorkerCapabilities`
 record with a TTL of two heartbeat intervals, so a dead worker drops out of
 every router's view within two intervals.  Load (``in_flight``) is the tasks
 running here plus the messages ready in this worker's own direct queue.
+For admission control it also advertises its measured ``service_rate`` and
+its ``backlog``: the requests outstanding in it (waiting for a batch or
+running, as its consumer counts them), ready in its direct queue, and its
+share of its class queue (ready messages over the class queue's consumers);
+``accepting`` (false while it cannot consume) and ``queue_heads`` (the queue
+wait of the latest message it took from each queue) come from
+:mod:`tasks.worker.load`.
 The first beat is made in :meth:`Heartbeat.start` itself, synchronously, so
 in a prefork child it lands inside ``worker_process_init``, which the main
 process waits for before it starts consuming and logs "ready."
@@ -15,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -23,9 +31,10 @@ from typing import TYPE_CHECKING
 from routing.capabilities import WorkerCapabilities
 from routing.registry import RegistryStore
 from tasks.wire.catalog import advertised, local_catalog
+from tasks.worker import load
 from tasks.worker.broker_probe import BrokerUnreachable
 from tasks.worker.device import RuntimeView, device_memory
-from tasks.worker.running import running_tasks
+from tasks.worker.running import meter, running_tasks
 
 if TYPE_CHECKING:
     from tasks.settings import Settings
@@ -48,12 +57,14 @@ class Heartbeat:
         store: RegistryStore,
         queue_depth: Callable[[], int] | None = None,
         consuming: Callable[[], bool] | None = None,
+        class_depth: Callable[[], tuple[int, int]] | None = None,
     ) -> None:
         self.node, self.queue, self.fallback = node, queue, fallback
         self.settings = settings
         self.runtime = runtime
         self.store = store
         self._queue_depth = queue_depth
+        self._class_depth = class_depth  # (ready, consumers) of the class queue
         self._consuming = consuming
         self._was_consuming = True
         self._stop = threading.Event()
@@ -81,10 +92,13 @@ class Heartbeat:
             capability = torch.cuda.get_device_capability(device)
         if self.settings.memory_mb:  # declared capacity (tests pose as different devices)
             total, free = self.settings.memory_mb, max(0, self.settings.memory_mb - used_mb)
-        depth, reachable = 0, True
+        depth, reachable, class_share = 0, True, 0
         if self._queue_depth is not None:
             try:
                 depth = int(self._queue_depth())
+                if self._class_depth is not None:
+                    ready, consumers = self._class_depth()
+                    class_share = math.ceil(ready / max(1, consumers))
             except BrokerUnreachable as e:
                 reachable = False
                 if self._broker_reachable:
@@ -95,6 +109,12 @@ class Heartbeat:
                 log.warning("the broker answers again: advertised load is measured again")
             self._broker_reachable = reachable
         in_flight = running_tasks() + depth
+        shared = load.shared()
+        outstanding = shared.outstanding if shared is not None else None
+        if outstanding is None or shared is None:  # the consumer does not measure: this process
+            rate, outstanding = meter().rate(), running_tasks()
+        else:
+            rate = shared.rate
         consuming = self.consuming()
         if consuming != self._was_consuming:
             log.warning(
@@ -121,6 +141,10 @@ class Heartbeat:
             in_flight=in_flight,
             max_in_flight=self.settings.max_in_flight,
             heartbeat=time.time(),
+            service_rate=round(rate, 3),
+            backlog=outstanding + depth + class_share,
+            accepting=reachable and consuming,
+            queue_heads=shared.heads() if shared is not None else {},
         )
 
     def beat(self) -> None:

@@ -65,7 +65,7 @@ from tasks.app import app
 from tasks.wire.backend import registry_store
 from tasks.wire.catalog import check_preload, local_catalog
 from tasks.wire.codec import refuse_text_content
-from tasks.worker import metrics
+from tasks.worker import load, metrics
 from tasks.worker.broker_probe import QueueDepth
 from tasks.worker.heartbeat import Heartbeat
 from tasks.worker.runtime import get_runtime
@@ -95,6 +95,7 @@ def _preload() -> None:
     runtime.preload(settings.preload)
     if _node is not None and _own_queue is not None and _heartbeat is None:
         fallback = fallback_of(_own_queue) or _own_queue
+        probe = QueueDepth(app, _own_queue, timeout_s=settings.heartbeat_s / 4)
         _heartbeat = Heartbeat(
             _node,
             _own_queue,
@@ -102,8 +103,9 @@ def _preload() -> None:
             settings,
             runtime,
             registry_store(settings),
-            QueueDepth(app, _own_queue, timeout_s=settings.heartbeat_s / 4),
+            probe,
             consuming=_consumer_consumes if _consuming is not None else None,
+            class_depth=(lambda: probe.counts(fallback)) if fallback != _own_queue else None,
         ).start()
         runtime.on_change = _heartbeat.beat
     metrics.serve(settings.metrics_port, settings.metrics_addr, runtime, app)
@@ -157,6 +159,9 @@ def _preload_in_main(sender: Any = None, **_: Any) -> None:
         _declare(list(consumed))
         if _own_queue is not None:
             _track_consuming(sender)
+            # Before the pool forks: the consumer's load figures, read by the child's heartbeat.
+            models = [e.name for e in local_catalog(app.infer_settings).entries()]
+            load.init(models, [_own_queue, fallback_of(_own_queue) or _own_queue])
     refuse_text_content()  # kombu would hand such a body on undecoded and stop the worker
     # prefork children preload in worker_process_init; every other pool runs
     # tasks in this very process, which never forks, so load here.

@@ -10,6 +10,7 @@ A replaced pool child starts its counters from zero, which Prometheus'
 Per request (``task_success``/``task_failure`` of ``tasks.infer``):
 
 - ``infer_requests_total{model,outcome}``: ``success`` or the error's class name
+  (``DeadlineExceeded`` too for a request dropped past its deadline by the consumer)
 - ``infer_queue_wait_seconds{model}``: publish to start, from the message's send stamp
 - ``infer_batch_wait_seconds{model}``: wait for a dynamic batch to fill
 - ``infer_service_seconds{model}``: start to finish on the worker
@@ -44,6 +45,7 @@ from prometheus_client.registry import Collector
 from tasks.app import app
 from tasks.wire.catalog import local_catalog
 from tasks.wire.request import infer_call
+from tasks.worker import load
 from tasks.worker.device import RuntimeView, device_memory
 from tasks.worker.running import running_tasks
 
@@ -211,6 +213,8 @@ class RouterCollector(Collector):
         ("fallback", "fallbacks"),
         ("miss", "misses"),
         ("no_capable_worker", "errors"),
+        ("overloaded", "overloaded"),
+        ("rerouted", "rerouted"),
     )
 
     def __init__(self, app: InferenceApp) -> None:
@@ -244,6 +248,29 @@ class RouterCollector(Collector):
         yield quantiles
 
 
+class ExpiredSync(Collector):
+    """Adds the consumer's deadline drops to ``infer_requests_total`` at each scrape.
+
+    A request dropped past its deadline by the worker's consumer (its main
+    process, :mod:`tasks.worker.expired`) is counted there, in memory shared
+    with this process (:mod:`tasks.worker.load`); registered ahead of the
+    requests counter, so one scrape shows them.  Yields no metric of its own.
+    """
+
+    def __init__(self) -> None:
+        self._seen: dict[str, int] = {}
+
+    def collect(self) -> Iterator[Any]:
+        shared = load.shared()
+        if shared is not None:
+            for model, count in shared.expired_counts().items():
+                delta = count - self._seen.get(model, 0)
+                if delta > 0:
+                    REQUESTS.labels(model, "DeadlineExceeded").inc(delta)
+                    self._seen[model] = count
+        yield from ()
+
+
 _served: tuple[str, int] | None = None
 _lock = threading.Lock()
 
@@ -257,7 +284,7 @@ def serve(
     """Start the ``/metrics`` HTTP server in this process; False if off or the port is taken.
 
     Workers call it once the runtime exists.  A client application can call
-    ``tasks.worker.metrics.serve(9809, app=app)`` to export its router's decisions too.
+    ``tasks.worker.metrics.serve(9810, app=app)`` to export its router's decisions too.
     """
     global _served
     if port == 0:
@@ -276,6 +303,10 @@ def serve(
                 e,
             )
             return False
+        # Collected in registration order: the consumer's deadline drops are added first.
+        REGISTRY.unregister(REQUESTS)
+        REGISTRY.register(ExpiredSync())
+        REGISTRY.register(REQUESTS)
         if app is not None:
             REGISTRY.register(RouterCollector(app))
         if runtime is not None:

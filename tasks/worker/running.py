@@ -2,8 +2,10 @@
 
 Read by the heartbeat (the worker's advertised load), the metrics
 (``infer_tasks_running``) and the dynamic batcher (flush when nothing else is
-in flight).  The handlers connect when this module is imported, which the
-app's ``include`` list does in every worker.
+in flight).  The same signals feed this process's service meter
+(:func:`meter`), which the heartbeat advertises when the consumer does not
+measure (a worker that does not batch).  The handlers connect when this
+module is imported, which the app's ``include`` list does in every worker.
 """
 
 from __future__ import annotations
@@ -13,10 +15,23 @@ from typing import Any
 
 from celery.signals import task_postrun, task_prerun
 
-__all__ = ["running_tasks"]
+from tasks.worker.load import ServiceMeter
+
+__all__ = ["meter", "running_tasks"]
 
 _running = 0
 _lock = threading.Lock()
+_meter: ServiceMeter | None = None
+
+
+def meter() -> ServiceMeter:
+    """This process's service meter (made on first use, with the app's window)."""
+    global _meter
+    if _meter is None:
+        from tasks.app import app
+
+        _meter = ServiceMeter(app.infer_settings.service_rate_window_s)
+    return _meter
 
 
 def running_tasks() -> int:
@@ -29,10 +44,12 @@ def _task_started(**_: Any) -> None:
     global _running
     with _lock:
         _running += 1
+    meter().arrived()
 
 
 @task_postrun.connect
-def _task_done(**_: Any) -> None:
+def _task_done(state: str | None = None, **_: Any) -> None:
     global _running
     with _lock:
         _running = max(0, _running - 1)
+    meter().left(1, completed=int(state == "SUCCESS"))

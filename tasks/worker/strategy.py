@@ -27,9 +27,16 @@ chain, a body that is not protocol 2, or arguments that cannot be read as an
 parts and group members are batched.
 
 **Revoked and expired requests are never computed**: Celery's strategy drops
-them on arrival, and :meth:`BatchingStrategy.flush` checks each request
-again (``Request.revoked()``, which also stores REVOKED and acks) when its
-batch leaves for the pool.
+them on arrival, :meth:`BatchingStrategy.collect` checks a ``deadline``
+header too, and :meth:`BatchingStrategy.flush` checks each request again
+(``Request.revoked()``) when its batch leaves for the pool.  A revoked
+request is stored REVOKED; one past its deadline ``DeadlineExceeded``
+(:mod:`tasks.worker.expired`); the pool child checks the deadline once more
+just before the forward pass.
+
+**Load**: the strategy feeds this worker's :class:`~tasks.worker.load.ServiceMeter`
+(arrivals, completions, drops) and each queue's head wait, which the
+heartbeat advertises for admission control and the queue exporter.
 
 **A redelivered request runs alone** (``redelivered`` or an
 ``x-delivery-count``): if it is the one that killed the child, it cannot take
@@ -53,9 +60,11 @@ from celery.worker.strategy import default
 from models.catalog import ModelCatalog
 from models.errors import RequestError
 from models.text import estimated_bucket
+from tasks.app import SENT_AT_HEADER
 from tasks.wire.catalog import local_catalog
 from tasks.wire.codec import is_envelope
 from tasks.wire.request import infer_call
+from tasks.worker import load
 from tasks.worker.assembly import BatchAssembler, BatchPolicy
 from tasks.worker.batch_job import run_batch
 from tasks.worker.poison import deliveries
@@ -169,6 +178,9 @@ class BatchingStrategy:
         # Each model's most efficient batch size, learned from the child's forward passes.
         self.sizer = BatchSizer(clock=clock) if self.settings.batch_sizing else None
         self._limits: dict[str, tuple[int, float]] = {}  # name@version -> (max batch, max wait ms)
+        # What the heartbeat advertises: service rate, requests outstanding here.
+        self.meter = load.ServiceMeter(self.settings.service_rate_window_s, clock=clock)
+        self._published = 0.0
 
     def policy(self, key: Hashable) -> BatchPolicy:
         """The key's limits, asked on every arrival (the batch sizer's cap may have moved)."""
@@ -189,12 +201,19 @@ class BatchingStrategy:
     # -- arrival ---------------------------------------------------------------------------------
     def collect(self, req: Any) -> None:
         """Celery's strategy hands over a reserved request: batch it, or run it the usual way."""
+        now = time.time()
+        load.observe_head(
+            req.delivery_info.get("routing_key"), req.request_dict.get(SENT_AT_HEADER), now
+        )
+        if req.revoked():  # a deadline header alone (Celery's strategy checked expires)
+            return
         plan = self.plan(req)
         if plan is None:
             self.consumer.on_task_request(req)
             return
         key, samples, alone = plan
-        self.assembler.add(key, (req, time.time()), self.clock(), samples, alone)
+        self.meter.arrived()
+        self.assembler.add(key, (req, now), self.clock(), samples, alone)
         self.flush()
 
     def plan(self, req: Any) -> tuple[Hashable, int, bool] | None:
@@ -242,9 +261,19 @@ class BatchingStrategy:
                 break
             for _, items in batches:
                 live = [(req, arrived) for req, arrived in items if not req.revoked()]
+                if len(live) < len(items):  # revoked or past the deadline: never computed
+                    self.meter.left(len(items) - len(live), completed=0)
                 if live:
                     self.dispatch(live)
         self._arm_timer(now)
+        self._publish_load(now)
+
+    def _publish_load(self, now: float) -> None:
+        """Hand the meter's figures to the heartbeat's process, at most every 0.2 s."""
+        shared = load.shared()
+        if shared is not None and (now - self._published >= 0.2 or not self.meter.outstanding):
+            self._published = now
+            shared.publish(self.meter, from_consumer=True)
 
     def dispatch(self, items: list[tuple[Any, float]]) -> None:
         """One pool job for ``items``; Celery's request handlers for each when it is done."""
@@ -273,6 +302,7 @@ class BatchingStrategy:
             if not release():
                 return
             outcomes, passes = result
+            self.meter.left(len(reqs), completed=sum(1 for o in outcomes if not o[0]))  # served
             for req, outcome in zip(reqs, outcomes, strict=True):
                 self._safely(req.on_success, req, outcome)
             if self.sizer is not None:
@@ -283,6 +313,7 @@ class BatchingStrategy:
         def on_error(einfo: Any) -> None:
             if not release():
                 return
+            self.meter.left(len(reqs), completed=0)
             for req in reqs:
                 self._safely(req.on_failure, req, einfo)
             self.flush()
@@ -351,4 +382,6 @@ class BatchingStrategy:
     def discard(self) -> int:
         """Forget the waiting requests (their messages go back to the queue with the channel)."""
         self._timer = None  # the consumer clears its timer on close
-        return len(self.assembler.drain())
+        dropped = len(self.assembler.drain())
+        self.meter.left(dropped, completed=0)
+        return dropped

@@ -469,11 +469,12 @@ def test_queue_arguments_per_kind_of_queue() -> None:
     )
     with pytest.raises(ValueError, match="queue type"):
         queue_arguments("cpu", "stream")
-    # INFER_MAX_QUEUE_LENGTH bounds class queues only (a publish past it is nacked), any type
+    # INFER_MAX_QUEUE_LENGTH bounds task queues (a publish past it is nacked), any type
     bounded = {"x-max-length": 7, "x-overflow": "reject-publish"}
     assert queue_arguments("gpu", max_length=7) == {**queue_arguments("gpu"), **bounded}
     assert queue_arguments("cpu", "classic", max_length=7) == bounded
-    assert queue_arguments("gpu.direct.gpu0", max_length=7) == queue_arguments("gpu.direct.gpu0")
+    direct = "gpu.direct.gpu0"
+    assert queue_arguments(direct, max_length=7) == {**queue_arguments(direct), **bounded}
     assert queue_arguments("gpu.dead", max_length=7) == {"x-queue-type": "quorum"}
 
 
