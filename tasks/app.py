@@ -128,11 +128,12 @@ class InferenceApp(Celery):
         settings = self.infer_settings
         if settings.embedded or not settings.broker.startswith(("amqp", "pyamqp")):
             return super().send_task(*args, **kwargs)
-        from amqp.exceptions import MessageNacked
+        from amqp.exceptions import MessageNacked, PreconditionFailed
         from celery.utils import uuid
         from kombu.exceptions import OperationalError
 
         from tasks.client.publish import full_queue, nacked, tls_refused, unconfirmed
+        from tasks.wire.topology import mismatched_queue
 
         kwargs["task_id"] = kwargs.get("task_id") or uuid()
         kwargs.setdefault("confirm_timeout", settings.publish_confirm_timeout_s)
@@ -141,6 +142,8 @@ class InferenceApp(Celery):
         for attempt in range(retries + 1):
             try:
                 return super().send_task(*args, **kwargs)
+            except PreconditionFailed as e:  # the queue exists with other arguments
+                raise (mismatched_queue(e) or unconfirmed(kwargs["task_id"], e, 0)) from e
             except (OperationalError, MessageNacked, OSError, TimeoutError) as e:
                 refused = tls_refused(kwargs["task_id"], e)
                 if refused is not None:

@@ -17,9 +17,16 @@ from typing import Any
 from celery.app.amqp import AMQP, Queues
 from kombu import Queue
 
+from models.errors import ConfigurationError
 from routing.queues import dead_letter_queue, queue_arguments
 
-__all__ = ["InferenceAMQP", "InferenceQueues", "declare_topology", "remove_topology"]
+__all__ = [
+    "InferenceAMQP",
+    "InferenceQueues",
+    "declare_topology",
+    "mismatched_queue",
+    "remove_topology",
+]
 
 
 class InferenceQueues(Queues):
@@ -67,6 +74,26 @@ class InferenceAMQP(AMQP):
         return queues
 
 
+def mismatched_queue(error: BaseException) -> ConfigurationError | None:
+    """A :class:`ConfigurationError` for RabbitMQ's refusal to redeclare a queue with other arguments.
+
+    A queue made by an earlier release (or with another ``INFER_MAX_QUEUE_LENGTH``,
+    ``INFER_QUEUE_TYPE``, ``INFER_DELIVERY_LIMIT`` or ``INFER_DIRECT_QUEUE_TTL_MS``)
+    keeps its arguments; every client and worker must use the same settings.
+    """
+    from amqp.exceptions import PreconditionFailed
+
+    if not isinstance(error, PreconditionFailed) or "inequivalent arg" not in str(error):
+        return None
+    return ConfigurationError(
+        f"RabbitMQ refused a queue declaration: {error}. The queue exists with other arguments "
+        "than these settings give it (INFER_MAX_QUEUE_LENGTH, INFER_QUEUE_TYPE, "
+        "INFER_DELIVERY_LIMIT, INFER_DIRECT_QUEUE_TTL_MS): give every client and worker the "
+        "same settings, or drain and delete the queue (rabbitmqctl delete_queue NAME) so it is "
+        "declared again, or change its bound with a RabbitMQ policy instead"
+    )
+
+
 def declare_topology(app: Any, names: list[str]) -> list[str]:
     """Declare ``names``, the app's default queue and their dead-letter queues on RabbitMQ.
 
@@ -83,7 +110,13 @@ def declare_topology(app: Any, names: list[str]) -> list[str]:
         channel = conn.default_channel
         settings = app.infer_settings
         for name in dict.fromkeys([app.conf.task_default_queue, *names]):
-            app.amqp.queues[name](channel).declare()
+            try:
+                app.amqp.queues[name](channel).declare()
+            except Exception as e:
+                mismatch = mismatched_queue(e)
+                if mismatch is not None:
+                    raise mismatch from e
+                raise
             declared.append(name)
             dead = dead_letter_queue(name)
             if dead is not None:

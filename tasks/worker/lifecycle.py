@@ -277,6 +277,9 @@ def _declare(queues: list[str]) -> None:
 
     try:
         declared = declare_topology(app, queues)
+    except InferenceError as e:  # a queue with other arguments: the consumer could never start
+        log.critical("worker not started: %s", e)
+        raise SystemExit(str(e)) from e
     except Exception as e:  # the consumer still declares what it consumes on connect
         log.error("could not declare the queue topology (dead-letter queues, default queue): %s", e)
     else:

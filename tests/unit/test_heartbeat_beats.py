@@ -110,3 +110,40 @@ def test_a_worker_whose_consumer_stopped_is_advertised_saturated() -> None:
     for _ in range(3):
         beat.beat()
     assert [c.in_flight for c in store.published] == [1, 4, 1]
+
+
+def test_the_record_advertises_backlog_rate_and_whether_it_accepts(
+    monkeypatch: Any,
+) -> None:
+    # Backlog: outstanding in the worker (the consumer's count) + its direct queue's ready
+    # messages + its share of the class queue (ready over consumers, rounded up).
+    from tasks.worker import heartbeat, load
+
+    shared = load.SharedLoad(["mlp"], ["cpu.direct.w", "cpu"])
+    meter = load.ServiceMeter(clock=lambda: 0.0)
+    meter.arrived(3)
+    shared.publish(meter, from_consumer=True)
+    shared.head("cpu", 0.5, 7.0)
+    monkeypatch.setattr(heartbeat.load, "shared", lambda: shared)
+    consuming = [True, False]
+    store = _Store()
+    cache: Any = SimpleNamespace(used_bytes=0, keys=lambda: [])
+    runtime: Any = SimpleNamespace(device=torch.device("cpu"), cache=cache)
+    beat = Heartbeat(
+        "w@h",
+        "cpu.direct.w",
+        "cpu",
+        Settings(max_in_flight=4),
+        runtime,
+        store,
+        lambda: 2,
+        consuming=lambda: consuming[len(store.published)],
+        class_depth=lambda: (7, 3),
+    )
+    beat.beat()
+    beat.beat()
+    first, second = store.published
+    assert (
+        first.backlog == 3 + 2 + 3 and first.accepting and first.queue_heads == {"cpu": [0.5, 7.0]}
+    )
+    assert not second.accepting  # its consumer stopped: routers and probes see it

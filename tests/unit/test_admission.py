@@ -1,0 +1,163 @@
+"""Admission control and the service meter, with fake clocks (routing/admission.py, tasks/worker/load.py)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+
+from models.errors import InferenceError, Overloaded, RequestError
+from routing.admission import Admission
+from routing.capabilities import TaskRequirements
+from routing.router import CapabilityRouter
+from tasks.worker.load import ServiceMeter, SharedLoad
+from tests.unit.test_routing import worker
+
+T0 = 1000.0  # the records' heartbeat time in tests.unit.test_routing.worker
+
+
+class Clock:
+    def __init__(self, t: float = T0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_overloaded_is_not_a_request_error() -> None:
+    # The request is fine; the fleet is busy: retrying later can succeed.
+    assert issubclass(Overloaded, InferenceError) and not issubclass(Overloaded, RequestError)
+
+
+def test_expected_wait_is_backlog_plus_one_over_the_rate() -> None:
+    clock = Clock()
+    admission = Admission(clock=clock)
+    w = worker("a", service_rate=100.0, backlog=49)
+    est = admission.expected_wait(w)
+    assert est.wait_s == pytest.approx(0.5) and est.pending == 49 and est.rate == 100.0
+
+
+def test_the_estimate_drains_since_the_heartbeat_and_counts_this_clients_sends() -> None:
+    clock = Clock(T0 + 0.2)  # 0.2 s after the beat: 20 of the 49 have been served
+    admission = Admission(clock=clock)
+    w = worker("a", service_rate=100.0, backlog=49)
+    assert admission.expected_wait(w).pending == pytest.approx(29)
+    admission.routed(w.name, now=T0 - 0.1)  # before the beat: already in its backlog
+    for _ in range(10):  # routed by this client after the beat
+        admission.routed(w.name, now=T0 + 0.1)
+    assert admission.expected_wait(w).pending == pytest.approx(39)
+    # The next beat (backlog measured again) replaces this client's count.
+    newer = worker("a", service_rate=100.0, backlog=5, heartbeat=T0 + 0.15)
+    assert admission.expected_wait(newer).pending == pytest.approx(5 - 100 * 0.05)
+    assert admission.expected_wait(
+        worker("a", service_rate=100.0, backlog=49)
+    ).pending == pytest.approx(29)
+
+
+def test_an_unmeasured_worker_is_admitted() -> None:
+    admission = Admission(clock=Clock())
+    idle = admission.expected_wait(worker("a", service_rate=0.0, backlog=0))
+    assert idle.wait_s == 0.0 and idle.fits(0.001, 0.25)
+    unknown = admission.expected_wait(worker("a", service_rate=0.0, backlog=30))
+    assert unknown.wait_s is None and unknown.fits(0.001, 0.25)  # no data is not overload
+
+
+def test_choose_keeps_a_fitting_worker_reroutes_or_refuses_naming_the_figures() -> None:
+    clock = Clock()
+    admission = Admission(margin=0.25, clock=clock)
+    slow = worker("slow", service_rate=100.0, backlog=99)  # 1.0 s
+    fast = worker("fast", service_rate=100.0, backlog=19)  # 0.2 s
+    assert admission.choose(fast, [slow, fast], T0 + 0.3) is fast  # 0.25 s with the margin
+    assert admission.choose(slow, [slow, fast], T0 + 0.3) is fast  # rerouted
+    with pytest.raises(Overloaded) as raised:
+        admission.choose(slow, [slow, fast], T0 + 0.2)  # 0.2 x 1.25 > 0.2
+    message = str(raised.value)
+    assert "expected wait 0.200 s" in message and "fast@h" in message
+    assert "200 ms left" in message and "nothing was published" in message
+    assert admission.refused == 1
+
+
+def _router(workers: list[Any], admission: Admission) -> CapabilityRouter:
+    snapshot = {w.name: w for w in workers}
+    return CapabilityRouter(
+        lambda: snapshot, lambda *_: TaskRequirements(), admission=admission, clock=Clock()
+    )
+
+
+def test_the_router_admits_by_the_expires_option_and_counts_refusals() -> None:
+    clock = Clock()
+    busy = worker("busy", service_rate=10.0, backlog=40)  # 4.1 s
+    router = _router([busy], Admission(clock=clock))
+    late = datetime.fromtimestamp(T0 + 10, UTC)
+    assert router("tasks.infer", [], {}, {"expires": late}) == {"queue": busy.queue}
+    with pytest.raises(Overloaded):
+        router("tasks.infer", [], {}, {"expires": datetime.fromtimestamp(T0 + 1, UTC)})
+    assert router.stats.overloaded == 1
+    # No deadline: never refused here (the queue bound applies instead).
+    assert router("tasks.infer", [], {}, {}) == {"queue": busy.queue}
+    # Switched off (INFER_ADMISSION=false): admitted whatever the wait.
+    off = _router([busy], Admission(enabled=False, clock=clock))
+    assert off("tasks.infer", [], {}, {"expires": datetime.fromtimestamp(T0 + 1, UTC)})
+
+
+def test_the_router_reroutes_a_sticky_request_whose_worker_is_too_slow() -> None:
+    clock = Clock()
+    slow = worker("slow", service_rate=10.0, backlog=40, models_loaded=("m",))
+    fast = worker("fast", service_rate=100.0, backlog=0)
+    router = _router([slow, fast], Admission(clock=clock))
+    req = TaskRequirements(model="m")
+    assert router.decide(req).name == slow.name  # holds the model: the ladder's pick
+    assert router.decide(req, deadline=T0 + 1).name == fast.name
+    assert router.stats.rerouted == 1
+    assert router.sticky.get(req.key) == slow.name  # affinity kept for calmer times
+
+
+def test_service_meter_counts_busy_time_only() -> None:
+    clock = Clock(0.0)
+    meter = ServiceMeter(window_s=10.0, clock=clock)
+    assert meter.rate() == 0.0
+    meter.arrived(4)
+    clock.t = 0.1
+    meter.left(4)  # 4 served in 0.1 s of work
+    clock.t = 5.0  # idle for 4.9 s: not counted against it
+    assert meter.rate() == pytest.approx(40.0)
+    meter.arrived(2)
+    clock.t = 5.1
+    meter.left(2, completed=0)  # dropped past their deadline: busy time, no completions
+    assert meter.rate() == pytest.approx(4 / 0.2)
+    clock.t = 20.0  # everything slid out of the window
+    assert meter.rate() == 0.0 and meter.outstanding == 0
+
+
+def test_service_meter_open_busy_interval_counts_until_now() -> None:
+    clock = Clock(0.0)
+    meter = ServiceMeter(window_s=10.0, clock=clock)
+    meter.arrived(10)
+    clock.t = 1.0
+    meter.left(5)
+    clock.t = 2.0  # still busy with 5
+    assert meter.rate() == pytest.approx(5 / 2.0) and meter.outstanding == 5
+
+
+def test_shared_load_carries_figures_heads_and_drops_to_the_forked_process() -> None:
+    shared = SharedLoad(["mlp", "cnn"], ["cpu.direct.w", "cpu"])
+    clock = Clock(0.0)
+    meter = ServiceMeter(clock=clock)
+    meter.arrived(3)
+    clock.t = 0.5
+    meter.left(1)
+    assert shared.outstanding is None  # the consumer has not published: the child measures
+    shared.publish(meter, from_consumer=True)
+    assert shared.outstanding == 2 and shared.rate == pytest.approx(2.0)
+    other = ServiceMeter(clock=clock)
+    shared.publish(other, from_consumer=False)  # the consumer's figures win
+    assert shared.outstanding == 2
+    assert shared.heads() == {}
+    shared.head("cpu", 0.25, 123.0)
+    shared.head("elsewhere", 1.0, 1.0)  # not a queue it consumes
+    assert shared.heads() == {"cpu": [0.25, 123.0]}
+    shared.expired("mlp")
+    shared.expired("mlp")
+    shared.expired("a-model-added-later")
+    assert shared.expired_counts() == {"mlp": 2, "unknown": 1}
