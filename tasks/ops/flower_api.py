@@ -55,7 +55,13 @@ from flower.api import BaseApiHandler
 from flower.api import tasks as flower_tasks
 from tornado.web import HTTPError
 
-from models.errors import ConfigurationError, InferenceError, NoCapableWorker, RequestError
+from models.errors import (
+    ConfigurationError,
+    InferenceError,
+    NoCapableWorker,
+    Overloaded,
+    RequestError,
+)
 from tasks.wire.codec import display, estimated_nbytes, is_envelope, redact_bytes
 
 __all__ = [
@@ -82,10 +88,11 @@ def status_for(error: InferenceError) -> int:
     ``BadRequirements``, ``UnknownModel``, ``ShapeMismatch``, ...): the call is
     wrong and can never succeed unchanged.  503 Service Unavailable:
     :class:`NoCapableWorker`, no live worker can serve it now (start one, or
-    relax the ``requires`` header).  500 for any other project error (a
+    relax the ``requires`` header), or :class:`Overloaded`, not before its
+    deadline (retry later).  500 for any other project error (a
     ``ConfigurationError``, say): the deployment's fault, not the caller's.
     """
-    if isinstance(error, NoCapableWorker):
+    if isinstance(error, NoCapableWorker | Overloaded):
         return 503
     if isinstance(error, RequestError):
         return 400
