@@ -11,10 +11,12 @@ module is imported, which the app's ``include`` list does in every worker.
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 from celery.signals import task_postrun, task_prerun
 
+from tasks.worker import load
 from tasks.worker.load import ServiceMeter
 
 __all__ = ["meter", "running_tasks"]
@@ -40,11 +42,17 @@ def running_tasks() -> int:
 
 
 @task_prerun.connect
-def _task_started(**_: Any) -> None:
+def _task_started(task: Any = None, **_: Any) -> None:
     global _running
     with _lock:
         _running += 1
     meter().arrived()
+    shared = load.shared()
+    if shared is not None and shared.outstanding is None and task is not None:
+        # No batching consumer records queue heads: the queue wait of the message it runs.
+        request = task.request
+        routing_key = (getattr(request, "delivery_info", None) or {}).get("routing_key")
+        load.observe_head(routing_key, getattr(request, "infer_sent_at", None), time.time())
 
 
 @task_postrun.connect
