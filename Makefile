@@ -8,7 +8,7 @@ WEIGHTS  := $(or $(INFER_WEIGHTS_DIR),$(HOME_DIR)/weights)/.built
 NAME   ?= cpu0
 DEVICE ?= cpu
 
-.PHONY: browser netns-tools multihost demo test unit integration reliability chaos lint bench bench-quick celery-batches-venv worker weights flower clean
+.PHONY: browser prometheus-bin netns-tools multihost demo test unit integration reliability chaos lint bench bench-quick celery-batches-venv worker weights flower exporter clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,11 @@ worker: $(WEIGHTS)
 flower: $(STAMP)
 	$(PY) -m tasks.ops.flower --address=127.0.0.1 --port=5555
 
+# The queue exporter (tasks/ops/exporter.py) on 127.0.0.1:9809/metrics: per queue, ready messages,
+# consumers, oldest-message age, service rate and expected drain time (needs RabbitMQ and Redis).
+exporter: $(STAMP)
+	$(PY) -m tasks.ops.exporter
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
@@ -40,10 +45,10 @@ lint: $(STAMP)
 unit: $(WEIGHTS)
 	$(PY) -m pytest tests/unit
 
-integration: $(WEIGHTS) browser
+integration: $(WEIGHTS) browser prometheus-bin
 	$(PY) -m pytest tests/integration
 
-test: lint $(WEIGHTS) browser netns-tools
+test: lint $(WEIGHTS) browser prometheus-bin netns-tools
 	$(PY) -m pytest
 
 # Debian's Chromium for the Flower screenshot test (tests/integration/test_flower.py).  Where
@@ -51,6 +56,13 @@ test: lint $(WEIGHTS) browser netns-tools
 browser:
 	@command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; } \
 		|| echo "make: could not install Debian's chromium (needs root and apt): the browser test will skip"
+
+# Debian's prometheus for tests/integration/test_prometheus.py: it scrapes real workers and the
+# queue exporter and evaluates every Grafana dashboard query.  Where it cannot be installed that
+# test skips and says why (with INFER_PROMETHEUS_REQUIRED=1, as in CI, it fails instead).
+prometheus-bin:
+	@command -v prometheus >/dev/null || { apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus >/dev/null; } \
+		|| echo "make: could not install Debian's prometheus (needs root and apt): the Prometheus test will skip"
 
 # Debian's nftables for the multihost tier's one-way drops and loss (tests/multihost); iproute2
 # (ip netns) is already there.  Without root or a package index the tier skips and says why.

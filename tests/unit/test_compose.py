@@ -9,7 +9,7 @@ import re
 import signal
 import subprocess
 import time
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import pytest
@@ -43,7 +43,8 @@ def compose() -> dict[str, Any]:
 
 def test_services_present(compose: dict[str, Any]) -> None:
     assert set(compose["services"]) == {
-        "rabbitmq", "redis", "flower", "prometheus", *WORKERS, *CLUSTER_NODES, *CLUSTERED
+        "rabbitmq", "redis", "flower", "prometheus", "grafana", *WORKERS, *CLUSTER_NODES,
+        *CLUSTERED, "queue-exporter"
     }  # fmt: skip
 
 
@@ -364,6 +365,155 @@ def test_prometheus_is_optional_and_scrapes_flower_and_every_worker(
     assert len(jobs["inference-workers"]) == len(WORKERS)
 
 
+# Profile metrics: Grafana, provisioned from deploy/grafana/ (tests/unit/test_dashboard.py checks
+# the dashboard itself; tests/integration/test_prometheus.py runs every query of it).
+GRAFANA_DIR = ROOT / "deploy" / "grafana"
+
+
+def _binds(svc: dict[str, Any]) -> dict[str, tuple[Path, str]]:
+    """A service's bind mounts as {container path: (host path, mode)}."""
+    out = {}
+    for volume in svc.get("volumes", []):
+        source, target, *mode = volume.split(":")
+        if source.startswith("./"):
+            out[target] = (ROOT / source, mode[0] if mode else "rw")
+    return out
+
+
+def test_grafana_is_optional_pinned_local_and_waits_for_prometheus(
+    compose: dict[str, Any],
+) -> None:
+    grafana = compose["services"]["grafana"]
+    assert grafana["profiles"] == ["metrics"]  # `docker compose up` alone does not start it
+    match = re.fullmatch(r"grafana/grafana:(\d+)\.\d+\.\d+", grafana["image"])
+    assert match and match.group(1) == "11", grafana["image"]  # the dashboard's schemaVersion
+    assert grafana["ports"] == ["127.0.0.1:3000:3000"]  # never on every interface
+    assert grafana["depends_on"] == {"prometheus": {"condition": "service_healthy"}}
+    assert "3000/api/health" in " ".join(grafana["healthcheck"]["test"])
+    volumes = {v.split(":")[0]: v.split(":")[1] for v in grafana["volumes"]}
+    assert volumes["grafana-data"] == "/var/lib/grafana" and "grafana-data" in compose["volumes"]
+
+
+def test_grafana_admin_password_comes_from_env_and_viewers_are_anonymous(
+    compose: dict[str, Any],
+) -> None:
+    env = compose["services"]["grafana"]["environment"]
+    assert (
+        _var(env["GF_SECURITY_ADMIN_PASSWORD"]) == "GRAFANA_ADMIN_PASSWORD"
+    )  # required, no default
+    example = dict(
+        line.split("=", 1)
+        for line in (ROOT / ".env.example").read_text().splitlines()
+        if line and not line.startswith("#")
+    )
+    assert example["GRAFANA_ADMIN_PASSWORD"] == ""  # no default password to deploy by mistake
+    # Anonymous visitors may look, never edit; nobody signs up.
+    assert env["GF_AUTH_ANONYMOUS_ENABLED"] == "true"
+    assert env["GF_AUTH_ANONYMOUS_ORG_ROLE"] == "Viewer"
+    assert env["GF_USERS_ALLOW_SIGN_UP"] == "false"
+    # No calls home from inside the deployment.
+    assert env["GF_ANALYTICS_REPORTING_ENABLED"] == env["GF_ANALYTICS_CHECK_FOR_UPDATES"] == "false"
+
+
+def test_grafana_mounts_the_repositorys_provisioning_read_only(compose: dict[str, Any]) -> None:
+    grafana = compose["services"]["grafana"]
+    binds = _binds(grafana)
+    for target, (source, mode) in binds.items():
+        assert source.is_dir(), (target, source)
+        assert source.resolve().is_relative_to(GRAFANA_DIR), source
+        assert mode == "ro", target
+    provisioning = "/etc/grafana/provisioning"
+    assert binds[f"{provisioning}/datasources"][0] == GRAFANA_DIR / "provisioning" / "datasources"
+    assert binds[f"{provisioning}/dashboards"][0] == GRAFANA_DIR / "provisioning" / "dashboards"
+    # The dashboard provider reads the folder where the dashboards are mounted.
+    (provider_file,) = (GRAFANA_DIR / "provisioning" / "dashboards").glob("*.yaml")
+    (provider,) = yaml.safe_load(provider_file.read_text())["providers"]
+    assert provider["type"] == "file"
+    assert provider["allowUiUpdates"] is False  # the JSON in the repository is the dashboard
+    host_dir, _ = binds[provider["options"]["path"]]
+    assert host_dir == GRAFANA_DIR / "dashboards"
+    assert (host_dir / "inference.json").is_file()
+    home = PurePosixPath(grafana["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"])
+    assert str(home.parent) == provider["options"]["path"]
+    assert (host_dir / home.name).is_file()
+
+
+def test_grafana_datasource_is_the_compose_prometheus_with_the_dashboards_uid(
+    compose: dict[str, Any],
+) -> None:
+    (ds_file,) = (GRAFANA_DIR / "provisioning" / "datasources").glob("*.yaml")
+    (ds,) = yaml.safe_load(ds_file.read_text())["datasources"]
+    assert ds["type"] == "prometheus" and ds["access"] == "proxy" and ds["isDefault"] is True
+    container_port = compose["services"]["prometheus"]["ports"][0].rsplit(":", 1)[1]
+    assert ds["url"] == f"http://prometheus:{container_port}"  # the service, inside the network
+    # $__rate_interval is sized from the scrape interval: they must agree.
+    config = yaml.safe_load(compose["configs"]["prometheus_config"]["content"])
+    assert ds["jsonData"]["timeInterval"] == config["global"]["scrape_interval"]
+    # Every datasource the dashboard names is this one, by uid.
+    dashboard = json.loads((GRAFANA_DIR / "dashboards" / "inference.json").read_text())
+    named = set()
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            source = node.get("datasource")
+            if isinstance(source, dict) and source.get("type") != "grafana":
+                named.add((source.get("type"), source.get("uid")))
+            for child in node.values():
+                walk(child)
+        elif isinstance(node, list):
+            for child in node:
+                walk(child)
+
+    walk(dashboard)
+    assert named == {("prometheus", ds["uid"])}
+
+
+def test_queue_exporter_runs_with_the_fleet_and_prometheus_scrapes_it(
+    compose: dict[str, Any],
+) -> None:
+    """tasks.ops.exporter in the default stack: the app's image and settings, every class queue."""
+    services = compose["services"]
+    exporter = services["queue-exporter"]
+    assert "profiles" not in exporter  # `docker compose up` starts it with the workers
+    assert exporter["image"] == services["worker-cpu"]["image"]
+    assert exporter["depends_on"] == services["worker-cpu"]["depends_on"]
+    command = exporter["command"]
+    assert command[:3] == ["python", "-m", "tasks.ops.exporter"]
+    named = {command[i + 1] for i, arg in enumerate(command) if arg == "--queue"}
+    classes = {  # each worker's class queue: reported even while no worker of the class runs
+        q
+        for svc in WORKERS
+        for q in services[svc]["command"][services[svc]["command"].index("-Q") + 1].split(",")
+        if ".direct." not in q
+    }
+    assert named == classes == {"cpu", "gpu"}
+    env = exporter["environment"]
+    declared_env = {spec.env for _, spec, _ in declared()}
+    assert set(env) <= declared_env, set(env) - declared_env
+    worker_env = services["worker-cpu"]["environment"]
+    for key in ("CELERY_BROKER_URL", "CELERY_RESULT_BACKEND", "INFER_SERIALIZER"):
+        assert env[key] == worker_env[key], key  # the same broker, registry and namespace
+    settings = Settings.from_env(_resolved(env))
+    assert not settings.embedded
+    assert (
+        settings.registry_namespace == Settings.from_env(_resolved(worker_env)).registry_namespace
+    )
+    assert settings.exporter_addr == "0.0.0.0"  # reachable from Prometheus inside the network
+    assert "ports" not in exporter  # and not from the host
+    assert exporter["healthcheck"]["test"] == [
+        "CMD",
+        "python",
+        "-m",
+        "tasks.ops.exporter",
+        "--check",
+    ]
+    config = yaml.safe_load(compose["configs"]["prometheus_config"]["content"])
+    jobs = {
+        job["job_name"]: job["static_configs"][0]["targets"] for job in config["scrape_configs"]
+    }
+    assert jobs["queue-exporter"] == [f"queue-exporter:{settings.exporter_port}"]
+
+
 # Profile clustered: three RabbitMQ nodes (deploy/rabbitmq/), and the workers and Flower on them.
 
 
@@ -393,7 +543,7 @@ def _profile(compose: dict[str, Any], profile: str) -> set[str]:
 def test_default_stack_is_unchanged_by_the_clustered_profile(compose: dict[str, Any]) -> None:
     services = compose["services"]
     default = {name for name, svc in services.items() if "profiles" not in svc}
-    assert default == {"rabbitmq", "redis", "flower", *WORKERS}
+    assert default == {"rabbitmq", "redis", "flower", "queue-exporter", *WORKERS}
     assert _profile(compose, "clustered") == {*CLUSTER_NODES, *CLUSTERED}
     for name in _profile(compose, "clustered"):
         assert services[name]["profiles"] == ["clustered"], name
