@@ -17,7 +17,9 @@ PATH``.  ``python -m benchmarks burst`` runs the 10,000-task burst (lane
 ``burst``, merged into the results file); ``python -m benchmarks scaling
 [--workers 1,2,4] --json PATH`` runs the worker-scaling lane alone, with
 options of its own (:mod:`benchmarks.lanes.scaling`), into a results file of
-its own; ``python -m benchmarks compare BEFORE AFTER`` sets two results files
+its own; ``python -m benchmarks overload [--quick] --json PATH`` runs the
+overload lane alone (goodput at 0.5x to 4x the fleet's capacity, admission
+control on and off, :mod:`benchmarks.lanes.overload`), likewise; ``python -m benchmarks compare BEFORE AFTER`` sets two results files
 side by side.
 """
 
@@ -45,6 +47,10 @@ def main(argv: list[str] | None = None) -> int:
         from benchmarks.lanes.scaling import main as scaling
 
         return scaling(argv[1:])
+    if argv[:1] == ["overload"]:  # python -m benchmarks overload [--quick] --json PATH
+        from benchmarks.lanes.overload import main as overload
+
+        return overload(argv[1:])
     if argv[:1] == ["compare"]:  # python -m benchmarks compare BEFORE.json AFTER.json
         from benchmarks.compare import main as compare
 

@@ -4,7 +4,9 @@ The open-loop plot (when the ``open_loop`` lane ran) draws each worker's p50
 and p99 latency against the throughput it achieved at each offered rate, with
 the p99 target as a horizontal line.  The scaling plot (``python -m
 benchmarks scaling``) draws req/s against the worker count, beside linear
-scaling from one worker.
+scaling from one worker.  The overload plot (``python -m benchmarks overload``)
+draws goodput against the offered load, admission control on and off, beside
+the capacity, and what became of the requests at each level.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Any
 
 from benchmarks.stats import cdf
 
-__all__ = ["open_loop_plot", "scaling_plot", "write_plots"]
+__all__ = ["open_loop_plot", "overload_plot", "scaling_plot", "write_plots"]
 
 
 def write_plots(samples: dict[str, list[float]], lanes: dict[str, Any], stem: Path) -> list[Path]:
@@ -131,6 +133,52 @@ def scaling_plot(lane: dict[str, Any], path: Path) -> Path:
     ax.set_ylim(bottom=0)
     ax.grid(True, alpha=0.3)
     ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def overload_plot(lane: dict[str, Any], path: Path) -> Path:
+    """The ``overload`` lane: goodput by offered load, admission on and off (left), and each
+    level's outcomes as fractions of the requests attempted (right); returns ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    modes = lane["modes"]
+    colors = {"admission": "#4c72b0", "no_admission": "#dd8452"}
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 5))
+    for mode, figures in modes.items():
+        points = figures["points"]
+        xs = [p["offered_req_s"] for p in points]
+        ys = [p["goodput_req_s"] for p in points]
+        left.plot(xs, ys, "-o", color=colors.get(mode), label=mode.replace("_", " "))
+    capacity = lane["capacity_req_s"]
+    if capacity:
+        left.axhline(capacity, color="grey", linestyle=":", label=f"capacity {capacity:,.0f} req/s")
+    left.set_xlabel("offered load, requests/s (Poisson arrivals)")
+    left.set_ylabel(f"goodput: replies within {lane['deadline_ms']:g} ms, per s")
+    left.set_title(f"Goodput under overload: {lane['model']} on {lane['device']}")
+    left.set_ylim(bottom=0)
+    left.grid(True, alpha=0.3)
+    left.legend()
+    outcomes = ("good", "late", "expired", "refused", "failed", "lost", "unsent")
+    shades = ("#55a868", "#ccb974", "#c44e52", "#8172b3", "#937860", "#222222", "#aaaaaa")
+    labels, bottoms = [], []
+    for mode, figures in modes.items():
+        for p in figures["points"]:
+            labels.append(f"{p['factor']:g}x\n{'on' if mode == 'admission' else 'off'}")
+            bottoms.append(p["fractions"])
+    base = [0.0] * len(labels)
+    for outcome, shade in zip(outcomes, shades, strict=True):
+        heights = [f.get(outcome) or 0.0 for f in bottoms]
+        right.bar(labels, heights, bottom=base, color=shade, label=outcome)
+        base = [b + h for b, h in zip(base, heights, strict=True)]
+    right.set_ylabel("fraction of requests attempted")
+    right.set_title("Outcomes by level (admission on / off)")
+    right.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -10,7 +10,7 @@ from typing import Any
 
 from benchmarks.stats import ratio
 
-__all__ = ["SCALING_COUNTS", "ratios", "scaling_ratios"]
+__all__ = ["SCALING_COUNTS", "overload_ratios", "ratios", "scaling_ratios"]
 
 SCALING_COUNTS = (1, 2, 4, 8)  # the scaling lane's worker counts that always have a key
 
@@ -126,6 +126,7 @@ def ratios(lanes: dict[str, Any]) -> dict[str, float | None]:
         "batching_gain_minilm_p95_ms": gain_p95("minilm", "batching"),
         "batching_gain_minilm_batch1_p95_ms": gain_p95("minilm", "batch1"),
         **scaling_ratios(lanes.get("scaling") or {}),
+        **overload_ratios(lanes.get("overload") or {}),
     }
 
 
@@ -149,3 +150,29 @@ def scaling_ratios(lane: dict[str, Any]) -> dict[str, float | None]:
         cpu = (points.get(str(n)) or {}).get("cpu_ms_per_request") or {}
         out[f"scaling_cpu_ms_per_request_{n}w"] = cpu.get("total")
     return out
+
+
+def overload_ratios(lane: dict[str, Any]) -> dict[str, float | None]:
+    """The ``overload`` lane's figures (the lane: :mod:`benchmarks.lanes.overload`).
+
+    ``overload_goodput_4x_vs_1x``: goodput (replies delivered within their
+    deadline, per second) at 4x the fleet's capacity over goodput at 1x, with
+    admission control on (issue 17's figure: >= 0.9); the same with it off
+    (``..._no_admission``); and goodput at 4x with admission on over off
+    (``overload_goodput_4x_admission_vs_no_admission``).
+    """
+    modes = lane.get("modes") or {}
+
+    def goodput(mode: str, factor: float) -> float | None:
+        points = (modes.get(mode) or {}).get("points") or []
+        return next((p["goodput_req_s"] for p in points if p["factor"] == factor), None)
+
+    return {
+        "overload_goodput_4x_vs_1x": ratio(goodput("admission", 4.0), goodput("admission", 1.0)),
+        "overload_goodput_4x_vs_1x_no_admission": ratio(
+            goodput("no_admission", 4.0), goodput("no_admission", 1.0)
+        ),
+        "overload_goodput_4x_admission_vs_no_admission": ratio(
+            goodput("admission", 4.0), goodput("no_admission", 4.0)
+        ),
+    }

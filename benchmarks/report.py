@@ -20,12 +20,14 @@ __all__ = [
     "CPU_ROLES",
     "END",
     "MODEL_GAIN_HEADERS",
+    "OVERLOAD_HEADERS",
     "SCALING_HEADERS",
     "begin",
     "blocks",
     "cpu_rows",
     "model_gain_rows",
     "open_loop_rows",
+    "overload_rows",
     "print_table",
     "render",
     "rows",
@@ -95,6 +97,29 @@ SCALING_HEADERS = (
 )
 
 
+OVERLOAD_HEADERS = (
+    "admission",
+    "offered x",
+    "offered req/s",
+    "attempted/s",
+    "published/s",
+    "goodput req/s",
+    "good",
+    "late",
+    "expired",
+    "refused",
+    "other",
+    "good p50 ms",
+    "good p99 ms",
+    "lag p99 ms",
+    "computed late",
+    "advertised req/s",
+    "client cores",
+    "worker cores",
+    "machine busy",
+)
+
+
 def _f(value: float | None, fmt: str) -> str:
     return "-" if value is None else format(value, fmt)
 
@@ -149,6 +174,29 @@ def rows(result: dict[str, Any]) -> list[tuple[str, ...]]:
             rss_values = [p["worker_rss_mb"] for p in lane["points"].values() if p["worker_rss_mb"]]
             rss = _f(max(rss_values, default=None), ".0f")
             out.append((name, "-", "-", "-", "-", "-", "-", "-", figures, "-", rss))
+            continue
+        if name == "overload":  # its levels, admission on and off: overload_rows
+            ratios = lane["goodput_4x_vs_1x"]
+            figures = (
+                f"capacity {_f(lane['capacity_req_s'], ',.0f')} req/s; goodput 4x/1x: "
+                f"{_f(ratios.get('admission'), '.3f')} (admission) / "
+                f"{_f(ratios.get('no_admission'), '.3f')} (none)"
+            )
+            out.append(
+                (
+                    name,
+                    "-",
+                    "-",
+                    "-",
+                    "-",
+                    "-",
+                    "-",
+                    "-",
+                    figures,
+                    "-",
+                    _f(lane.get("worker_rss_mb"), ".0f"),
+                )
+            )
             continue
         if "rtt_ms" not in lane:  # in_process: compute only
             by = lane["by_batch"]
@@ -265,6 +313,66 @@ def scaling_rows(result: dict[str, Any]) -> list[tuple[str, ...]]:
     return out
 
 
+def overload_rows(result: dict[str, Any]) -> list[tuple[str, ...]]:
+    """The ``overload`` lane, one row per level and admission mode ([] without the lane)."""
+    lane = result["lanes"].get("overload")
+    if not lane:
+        return []
+    out: list[tuple[str, ...]] = []
+    levels = {m: {p["factor"]: p for p in f["points"]} for m, f in lane["modes"].items()}
+    for factor in lane["levels"]:
+        for mode, points in levels.items():
+            p = points.get(factor)
+            if p is None:
+                continue
+            frac, latency = p["fractions"], p["latency_ms"] or {}
+            other = sum(frac.get(k) or 0.0 for k in ("failed", "lost", "unsent"))
+            busy = p["cores_busy"]
+            worker = (busy.get("worker_main") or 0.0) + (busy.get("worker_child") or 0.0)
+            rate = (p["advertised"].get("service_rate") or {}).get("median")
+            out.append(
+                (
+                    "on" if mode == "admission" else "off",
+                    f"{factor:g}",
+                    f"{p['offered_req_s']:,.0f}",
+                    f"{p['attempted_per_s']:,.0f}",
+                    f"{p['published_per_s']:,.0f}",
+                    f"{p['goodput_req_s']:,.1f}",
+                    *(_f(frac.get(k), ".1%") for k in ("good", "late", "expired", "refused")),
+                    f"{other:.1%}",
+                    _f(latency.get("p50"), ",.0f"),
+                    _f(latency.get("p99"), ",.0f"),
+                    _f((p["lag_ms"] or {}).get("p99"), ",.1f"),
+                    str(p["computed_after_deadline"]),
+                    _f(rate, ",.0f"),
+                    _f(busy.get("client"), ".2f"),
+                    f"{worker:.2f}",
+                    _f(p["machine_busy"], ".2f"),
+                )
+            )
+    return out
+
+
+def _overload_caption(result: dict[str, Any]) -> str:
+    lane = result["lanes"]["overload"]
+    c = lane["cores"]
+    return (
+        f"Overload on `{lane['device']}` ({lane['model']}): {lane['workers']} batching "
+        f"worker(s) behind the router, capacity {_f(lane['capacity_req_s'], ',.1f')} req/s "
+        f"(closed loop, {lane['capacity_window']} in flight); each level an open loop (Poisson) "
+        f"of {lane['seconds']:g} s at its factor of the capacity from {lane['clients']} client "
+        f"process(es) per mode, every request with a {lane['deadline_ms']:g} ms deadline, "
+        f"admission control on and off (INFER_ADMISSION in the clients); goodput = replies "
+        f"delivered within their deadline per s; good/late/expired/refused/other: fractions of "
+        f"the requests attempted (late: delivered after the deadline; expired: dropped by a "
+        f"worker, never computed; refused: Overloaded at submit; other: failed, lost, unsent); "
+        f"latency of the good ones from their send; lag: sends behind the schedule; computed "
+        f"late: replies whose forward pass started after their deadline (from their timing); "
+        f"advertised: the workers' heartbeat service rate, median; cores busy over the level. "
+        f"{c['cpu_count']} CPUs, {c['affinity']} usable."
+    )
+
+
 def _scaling_caption(result: dict[str, Any]) -> str:
     lane = result["lanes"]["scaling"]
     c = lane["cores"]
@@ -302,6 +410,14 @@ def _open_loop_caption(result: dict[str, Any]) -> str:
 
 def _headline(result: dict[str, Any], source: str) -> str:
     m, p = result["machine"], result["plan"]
+    if p.get("lane") == "overload":  # a lane run alone, with a plan of its own
+        return (
+            f"Measured {result['date']} on {m['cpus']} CPUs, {m['gpu'] or 'no GPU'} (workers on "
+            f"`{m['device']}`); Python {m['python']}, torch {m['torch']}, Celery {m['celery']}, "
+            f"RabbitMQ {m['rabbitmq']}, Redis {m['redis']}; serializer {m['serializer']}. "
+            f"Lane `overload` alone: levels {p['levels']} x capacity, {p['seconds']:g} s each, "
+            f"{p['rounds']} round(s), {p['deadline_ms']:g} ms deadline. Source: `{source}`."
+        )
     if p.get("lane") == "scaling":  # a lane run alone, with a plan of its own
         return (
             f"Measured {result['date']} on {m['cpus']} CPUs, {m['gpu'] or 'no GPU'} (workers on "
@@ -367,6 +483,11 @@ def render(result: dict[str, Any], source: str) -> str:
         lines += ["| " + " | ".join(SCALING_HEADERS) + " |"]
         lines += ["|---|" + "---:|" * (len(SCALING_HEADERS) - 1)]
         lines += ["| " + " | ".join(r) + " |" for r in scaling]
+    if overload := overload_rows(result):
+        lines += ["", _overload_caption(result), ""]
+        lines += ["| " + " | ".join(OVERLOAD_HEADERS) + " |"]
+        lines += ["|---|" + "---:|" * (len(OVERLOAD_HEADERS) - 1)]
+        lines += ["| " + " | ".join(r) + " |" for r in overload]
     lines += ["", "| ratio | value |", "|---|---:|"]
     lines += [f"| {k} | {_f(v, '.3f')} |" for k, v in result["ratios"].items()]
     lines += ["", f"Client RSS: {_f(result['memory_mb'].get('client_rss'), '.0f')} MB."]
@@ -413,6 +534,13 @@ def print_table(result: dict[str, Any], source: str) -> None:
         for r in scaling:
             scaling_table.add_row(*r)
         console.print(scaling_table)
+    if overload := overload_rows(result):
+        overload_table = Table(title=_overload_caption(result))
+        for h in OVERLOAD_HEADERS:
+            overload_table.add_column(h, justify="right")
+        for r in overload:
+            overload_table.add_row(*r)
+        console.print(overload_table)
     for k, v in result["ratios"].items():
         console.print(f"  {k:52} {_f(v, '.3f')}")
     console.print(_headline(result, source))

@@ -97,7 +97,10 @@ class InferenceApp(Celery):
             signing.enable(self, self.infer_settings.serializer)
 
     def send_task(self, *args: Any, **kwargs: Any) -> Any:
-        if kwargs.get("expires") is not None or (kwargs.get("headers") or {}).get(DEADLINE_HEADER):
+        if (
+            kwargs.get("expires") is not None
+            or (kwargs.get("headers") or {}).get(DEADLINE_HEADER) is not None
+        ):
             # One absolute deadline in expires= and the header; already past: DeadlineExceeded.
             normalize_deadline(kwargs, time.time())
         local = self._publishing

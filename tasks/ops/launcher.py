@@ -156,11 +156,21 @@ class WorkerProcess:
             self.proc.wait(timeout=10)
 
     def stop(self, timeout: float = 20.0) -> int | None:
-        """Warm shutdown (SIGTERM: finish the current task), then SIGKILL if it hangs."""
+        """Warm shutdown (SIGTERM: finish the current task), then SIGKILL if it hangs.
+
+        The SIGTERM goes to the worker's main process only, as ``docker stop``
+        or Kubernetes send it: Celery's warm shutdown lets each pool child
+        finish its task, acks the message (``task_acks_late``), then ends the
+        children.  Sent to the whole session, it killed the children at once
+        (Celery gives them SIGTERM's default action): a task whose result was
+        already stored, but whose message the main process had not yet acked,
+        was counted lost and requeued (``task_reject_on_worker_lost``).
+        """
         if self.proc is None:
             return None
         if self.proc.poll() is None:
-            self._signal_group(signal.SIGTERM)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.proc.pid, signal.SIGTERM)
             try:
                 self.proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
