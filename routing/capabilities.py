@@ -334,13 +334,14 @@ def unmet(req: TaskRequirements, worker: WorkerCapabilities) -> str | None:
 
 def _rank(
     req: TaskRequirements, w: WorkerCapabilities, affinity: Mapping[str, int] | None = None
-) -> tuple[bool, int, int, str]:
+) -> tuple[bool, bool, int, int, str]:
+    # A worker that cannot consume now (accepting false) comes last, even behind busy ones.
     load = w.in_flight + (affinity.get(w.name, 0) if affinity else 0)
-    return (not _holds(req, w), load, -w.free_memory_mb, w.name)
+    return (not w.accepting, not _holds(req, w), load, -w.free_memory_mb, w.name)
 
 
 def match(req: TaskRequirements, workers: Iterable[WorkerCapabilities]) -> list[WorkerCapabilities]:
-    """Capable workers, best first: model already loaded, then least loaded, then most free memory."""
+    """Capable workers, best first: accepting, model already loaded, least loaded, most free memory."""
     capable = [w for w in workers if unmet(req, w) is None]
     capable.sort(key=lambda w: _rank(req, w))
     return capable
@@ -360,8 +361,8 @@ def best(
     """
     top_free: WorkerCapabilities | None = None
     top_any: WorkerCapabilities | None = None
-    free_rank: tuple[bool, int, int, str] | None = None
-    any_rank: tuple[bool, int, int, str] | None = None
+    free_rank: tuple[bool, bool, int, int, str] | None = None
+    any_rank: tuple[bool, bool, int, int, str] | None = None
     for w in workers:
         if w.name == exclude or unmet(req, w) is not None:
             continue

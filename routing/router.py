@@ -6,9 +6,11 @@ tasks the decision ladder is:
 
 1. sticky hit: the worker remembered for this (model, requirements) key is
    alive, still capable and under its in-flight limit -> its own queue;
-2. sticky worker alive and capable but at its in-flight limit: *spill* this
-   one request to the best other capable worker, and keep the sticky entry
-   (affinity survives a burst; a busy worker is not forgotten);
+2. sticky worker alive and capable but at its in-flight limit, or not
+   accepting (it cannot consume now): *spill* this one request to the best
+   other capable worker (one that consumes, even if busy, before one that
+   cannot), and keep the sticky entry (affinity survives a burst; a busy
+   worker is not forgotten);
 3. otherwise (no entry, or its worker died or lost the capability) the best
    capable worker (model already loaded, least loaded, most free memory)
    -> its own queue, and remember it;
@@ -163,11 +165,13 @@ class CapabilityRouter:
             if remembered is not None:
                 w = workers.get(remembered)
                 if w is not None and unmet(req, w) is None:
-                    if w.in_flight < w.max_in_flight:
+                    if w.in_flight < w.max_in_flight and w.accepting:
                         self._count("sticky_hits")
                         return w
-                    spill, _ = best(req, workers.values(), exclude=w.name)
+                    spill, busy = best(req, workers.values(), exclude=w.name)
                     self._count("spills")
+                    if spill is None and not w.accepting and busy is not None and busy.accepting:
+                        spill = busy  # a busy worker that consumes beats one that cannot
                     return spill or w  # everyone else busy or incapable: queue behind it
                 self.sticky.invalidate(key)
             chosen = self._best(req, workers)

@@ -161,3 +161,18 @@ def test_shared_load_carries_figures_heads_and_drops_to_the_forked_process() -> 
     shared.expired("mlp")
     shared.expired("a-model-added-later")
     assert shared.expired_counts() == {"mlp": 2, "unknown": 1}
+
+
+def test_a_worker_that_cannot_consume_is_passed_over_even_for_a_busy_one() -> None:
+    # Issue 16's scenario 7b: the sticky worker reaches Redis but no broker (accepting false,
+    # advertised at its limit) while every other worker is at its limit too.
+    stuck = worker("stuck", in_flight=4, accepting=False, models_loaded=("m",))
+    busy = worker("busy", in_flight=4)
+    router = _router([stuck, busy], Admission(clock=Clock()))
+    req = TaskRequirements(model="m")
+    router.sticky.put(req.key, stuck.name, "m")
+    assert router.decide(req).name == busy.name
+    assert router.sticky.get(req.key) == stuck.name
+    # Fresh choices rank it last too, loaded model or not.
+    fresh = _router([stuck, busy], Admission(clock=Clock()))
+    assert fresh.decide(TaskRequirements(model="m")).name == busy.name
