@@ -30,13 +30,32 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
 
 from models.errors import Overloaded
 from routing.capabilities import WorkerCapabilities
 
-__all__ = ["Admission", "Estimate"]
+__all__ = ["DEADLINE_HEADER", "Admission", "Estimate", "deadline_of"]
+
+# The message header carrying a request's deadline; the client makes it an absolute ISO 8601
+# time before routing (tasks.wire.deadline).  Celery takes expires= out of the options the
+# router sees, so the router reads this header.
+DEADLINE_HEADER = "deadline"
+
+
+def deadline_of(options: Mapping[str, Any]) -> float | None:
+    """The absolute deadline (wall-clock seconds) in ``options``' headers, else None."""
+    value = (options.get("headers") or {}).get(DEADLINE_HEADER)
+    if not isinstance(value, str):
+        return None  # none, or not yet made absolute (a client that is not ours)
+    try:
+        when = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
 
 
 @dataclass(frozen=True)

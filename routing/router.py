@@ -41,11 +41,10 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any
 
 from models.errors import InferenceError, NoCapableWorker, UnsupportedDtype, unsupported_dtype
-from routing.admission import Admission
+from routing.admission import Admission, deadline_of
 from routing.capabilities import DTYPES, TaskRequirements, WorkerCapabilities, best, match, unmet
 from routing.sticky import StickyCache
 
@@ -135,9 +134,7 @@ class CapabilityRouter:
             return None  # not an inference task: Celery's default routing applies
         overrides = (options.get("headers") or {}).get(REQUIRES_HEADER)
         req = base if overrides is None else base.merged(overrides)  # BadRequirements
-        expires = options.get("expires")  # the client made any deadline an absolute datetime
-        deadline = expires.timestamp() if isinstance(expires, datetime) else None
-        return {"queue": self.decide(req, deadline).queue}
+        return {"queue": self.decide(req, deadline_of(options)).queue}
 
     def decide(self, req: TaskRequirements, deadline: float | None = None) -> WorkerCapabilities:
         """The ladder, then admission against ``deadline`` (wall-clock seconds; see the module)."""

@@ -350,10 +350,16 @@ def _stamp_sent_at(
     headers: dict[str, Any] | None = None,
     body: Any = None,
     routing_key: str | None = None,
+    properties: dict[str, Any] | None = None,
     **_: Any,
 ) -> None:
     _routed.queue = routing_key
     # The signal fires for every Celery app in the process: stamp only our tasks.
+    if sender in app.tasks and properties is not None:
+        # Celery turns expires= into a per-message TTL: a request expiring in a class queue
+        # would be dead-lettered to <class>.dead and its caller never answered.  The worker
+        # drops it instead, storing DeadlineExceeded (tasks.worker.expired).
+        properties.pop("expiration", None)
     if headers is not None and sender in app.tasks:
         headers.setdefault(SENT_AT_HEADER, time.time())
         args, kwargs = (body or ((), {}))[:2] if isinstance(body, tuple | list) else ((), {})

@@ -30,10 +30,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 from models.errors import BadArguments, DeadlineExceeded, echo
+from routing.admission import DEADLINE_HEADER
 
 __all__ = ["DEADLINE_HEADER", "absolute", "check", "normalize", "of_request"]
 
-DEADLINE_HEADER = "deadline"
 _FORMS = (
     "write headers={'deadline': 500} (milliseconds from now) or an ISO 8601 time such as "
     "'2026-12-06T18:00:00+00:00', or expires= (seconds from now, a datetime or ISO 8601)"

@@ -68,7 +68,7 @@ class Case:
     json_ok: bool = True  # can Flower's JSON API carry it?
     not_bare: str = ""  # why a plain Celery client cannot make this mistake, if it cannot
     task: str = "tasks.infer"
-    options: dict[str, Any] = field(default_factory=dict)  # publish options (serializer)
+    options: dict[str, Any] = field(default_factory=dict)  # publish options (serializer, expires)
 
 
 CASES: list[Case] = [
@@ -181,6 +181,20 @@ CASES: list[Case] = [
         options={"serializer": "pickle"},
     ),
     Case("unknown task name", ("mlp", GOOD.tolist()), errors.MalformedMessage, task="tasks.nope"),
+    # 7. Deadlines already past: our client (and Flower, through it) refuses the call at submit;
+    # a stock client publishes it, and the worker drops it unrun (tests/integration/test_deadlines.py).
+    Case(
+        "expires already past",
+        ("mlp", GOOD.tolist()),
+        errors.DeadlineExceeded,
+        options={"expires": -1},
+    ),
+    Case(
+        "deadline header already past",
+        ("mlp", GOOD.tolist()),
+        errors.DeadlineExceeded,
+        headers={"deadline": "2020-01-01T00:00:00+00:00"},
+    ),
 ]
 PATHS = ("bare", "send_task", "apply_async", "flower")
 

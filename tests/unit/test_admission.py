@@ -85,20 +85,25 @@ def _router(workers: list[Any], admission: Admission) -> CapabilityRouter:
     )
 
 
-def test_the_router_admits_by_the_expires_option_and_counts_refusals() -> None:
+def test_the_router_admits_by_the_deadline_header_and_counts_refusals() -> None:
     clock = Clock()
     busy = worker("busy", service_rate=10.0, backlog=40)  # 4.1 s
     router = _router([busy], Admission(clock=clock))
-    late = datetime.fromtimestamp(T0 + 10, UTC)
-    assert router("tasks.infer", [], {}, {"expires": late}) == {"queue": busy.queue}
+    # As Celery calls it: expires= is not in the options, the absolute deadline header is.
+    late = {"headers": {"deadline": datetime.fromtimestamp(T0 + 10, UTC).isoformat()}}
+    soon = {"headers": {"deadline": datetime.fromtimestamp(T0 + 1, UTC).isoformat()}}
+    assert router("tasks.infer", [], {}, late) == {"queue": busy.queue}
     with pytest.raises(Overloaded):
-        router("tasks.infer", [], {}, {"expires": datetime.fromtimestamp(T0 + 1, UTC)})
+        router("tasks.infer", [], {}, soon)
     assert router.stats.overloaded == 1
     # No deadline: never refused here (the queue bound applies instead).
     assert router("tasks.infer", [], {}, {}) == {"queue": busy.queue}
     # Switched off (INFER_ADMISSION=false): admitted whatever the wait.
     off = _router([busy], Admission(enabled=False, clock=clock))
-    assert off("tasks.infer", [], {}, {"expires": datetime.fromtimestamp(T0 + 1, UTC)})
+    assert off("tasks.infer", [], {}, soon)
+    # A header not made absolute (a numeric one from a foreign client) or junk: no deadline.
+    assert router("tasks.infer", [], {}, {"headers": {"deadline": 5}}) == {"queue": busy.queue}
+    assert router("tasks.infer", [], {}, {"headers": {"deadline": "x"}}) == {"queue": busy.queue}
 
 
 def test_the_router_reroutes_a_sticky_request_whose_worker_is_too_slow() -> None:
