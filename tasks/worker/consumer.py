@@ -137,12 +137,17 @@ class TelemetryConsumer(Consumer):
         super().__init__(*args, **kwargs)
 
     def on_close(self) -> None:
+        from celery.worker import state
+
         from tasks.worker.strategy import discard_waiting
 
         dropped = discard_waiting(self)
         if dropped:
+            stopping = state.should_stop or state.should_terminate
             log.warning(
-                "connection lost: %d requests waiting in a batch go back to the queue", dropped
+                "%s: %d requests waiting in a batch go back to the queue for another worker",
+                "shutting down" if stopping else "connection lost",
+                dropped,
             )
         super().on_close()
 
