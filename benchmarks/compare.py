@@ -56,6 +56,8 @@ HEADLINE = (
     "efficiency.2",
     "efficiency.4",
     "efficiency.8",
+    "goodput_4x_vs_1x.admission",  # overload: goodput at 4x over 1x the capacity, per mode
+    "goodput_4x_vs_1x.no_admission",
 )
 
 

@@ -176,7 +176,7 @@ def overload_plot(lane: dict[str, Any], path: Path) -> Path:
         heights = [f.get(outcome) or 0.0 for f in bottoms]
         right.bar(labels, heights, bottom=base, color=shade, label=outcome)
         base = [b + h for b, h in zip(base, heights, strict=True)]
-    right.set_ylabel("fraction of requests attempted")
+    right.set_ylabel("fraction of the requests scheduled")
     right.set_title("Outcomes by level (admission on / off)")
     right.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()

@@ -364,7 +364,7 @@ def _overload_caption(result: dict[str, Any]) -> str:
         f"process(es) per mode, every request with a {lane['deadline_ms']:g} ms deadline, "
         f"admission control on and off (INFER_ADMISSION in the clients); goodput = replies "
         f"delivered within their deadline per s; good/late/expired/refused/other: fractions of "
-        f"the requests attempted (late: delivered after the deadline; expired: dropped by a "
+        f"the requests scheduled (late: delivered after the deadline; expired: dropped by a "
         f"worker, never computed; refused: Overloaded at submit; other: failed, lost, unsent); "
         f"latency of the good ones from their send; lag: sends behind the schedule; computed "
         f"late: replies whose forward pass started after their deadline (from their timing); "
