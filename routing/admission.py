@@ -10,7 +10,11 @@ worker it picked:
     pending  = backlog at the heartbeat
              + requests this client routed to it since that heartbeat
              - service_rate x seconds since that heartbeat          (at least 0)
-    wait     = (pending + 1) / service_rate        (the +1: the request itself)
+    wait     = pending / service_rate + max(batch_s, 1 / service_rate)
+
+where ``batch_s`` is the worker's recent batch service time: once its batch
+starts, a request waits for the whole batch, not 1/rate of it.  The estimate
+is of the time until the reply, not until the request starts.
 
 and refuses (:class:`~models.errors.Overloaded`, nothing published) when
 ``wait x (1 + margin)`` exceeds the time left before the deadline, unless
@@ -102,7 +106,8 @@ class Admission:
         pending = max(0.0, worker.backlog + since - drained)
         if rate <= 0.0:
             return Estimate(worker.name, 0.0 if pending == 0 else None, pending, 0.0)
-        return Estimate(worker.name, (pending + 1.0) / rate, pending, rate)
+        own = max(float(worker.batch_s), 1.0 / rate)  # its own batch, or its share of one
+        return Estimate(worker.name, pending / rate + own, pending, rate)
 
     def routed(self, worker: str, now: float | None = None) -> None:
         """Count one request routed to ``worker`` (until that worker's next heartbeat)."""

@@ -253,6 +253,7 @@ class WorkerCapabilities:
     # running in the worker, ready in its direct queue, and its share of its class queue.
     service_rate: float = 0.0
     backlog: int = 0
+    batch_s: float = 0.0  # running average of one batch's service time (0.0: not measured)
     # False while it cannot consume (no broker answers, or its consumer is reconnecting).
     accepting: bool = True
     # queue -> [queue wait in s of the latest message taken from it, wall time it was taken].

@@ -57,6 +57,11 @@ class DeadlineRequest(PoisonAwareRequest):
             return e
         return None
 
+    def maybe_expire(self) -> bool:
+        # Celery's own expiry check would store REVOKED for a deadline passing between our
+        # check and its: ours (revoked(), and the pool child's before the forward pass) decides.
+        return False
+
     def revoked(self) -> bool:
         if self._dropped_late:
             return True

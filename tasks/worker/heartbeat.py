@@ -112,9 +112,9 @@ class Heartbeat:
         shared = load.shared()
         outstanding = shared.outstanding if shared is not None else None
         if outstanding is None or shared is None:  # the consumer does not measure: this process
-            rate, outstanding = meter().rate(), running_tasks()
+            rate, outstanding, batch_s = meter().rate(), running_tasks(), meter().batch_s
         else:
-            rate = shared.rate
+            rate, batch_s = shared.rate, shared.batch_s
         consuming = self.consuming()
         if consuming != self._was_consuming:
             log.warning(
@@ -142,6 +142,7 @@ class Heartbeat:
             max_in_flight=self.settings.max_in_flight,
             heartbeat=time.time(),
             service_rate=round(rate, 3),
+            batch_s=round(batch_s, 4),
             backlog=outstanding + depth + class_share,
             accepting=reachable and consuming,
             queue_heads=shared.heads() if shared is not None else {},

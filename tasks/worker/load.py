@@ -6,12 +6,17 @@ and ``/metrics`` run in the process that owns the device (the prefork
 child).  So the consumer's figures go through values made before the pool
 forks (``multiprocessing`` shared memory, no lock needed for single words):
 
-- the **service rate** (:class:`ServiceMeter`): requests completed per second
-  of time the worker had work (one waiting or running), over the last
-  ``INFER_SERVICE_RATE_WINDOW_S``.  Counting only busy time measures what
-  the worker *can* do, not what it was offered: an idle minute does not
-  lower it, and under overload it is the throughput, main-process overhead
-  and batching efficiency included;
+- the **service rate** (:class:`ServiceMeter`): what the worker *can* do,
+  not what it was offered, over the last ``INFER_SERVICE_RATE_WINDOW_S``.  A
+  batching worker divides the requests its pool jobs completed by those
+  jobs' service time (from the later of a job's dispatch and the previous
+  job's end, to its result): a half-loaded worker whose batches are small
+  still advertises what full batches would do, roughly.  Otherwise,
+  requests completed per second of time the worker had work.  With nothing
+  completed in the window, the last measured rate stands (an idle worker
+  is not an unknown one);
+- the **batch time**: a running average of one pool job's service time,
+  the time a request spends in its own batch once that batch starts;
 - the requests **outstanding** here (waiting in a batch or running);
 - each consumed queue's **head**: the queue wait of the latest message taken
   from it, and when (the queue exporter bounds the oldest message's age with it);
@@ -49,7 +54,16 @@ class ServiceMeter:
         self._busy_since: float | None = None
         self._busy: deque[tuple[float, float]] = deque()  # closed busy intervals (start, end)
         self._done: deque[tuple[float, int]] = deque()  # (when, requests completed)
+        self._jobs: deque[tuple[float, int, float]] = deque()  # (when, completed, service s)
+        self._last = 0.0  # the last rate measured: it stands while the window is empty
+        self.batch_s = 0.0  # running average of one pool job's service time
         self._lock = threading.Lock()
+
+    def served(self, completed: int, seconds: float) -> None:
+        """One pool job finished: ``completed`` requests served in ``seconds`` of service."""
+        with self._lock:
+            self._jobs.append((self.clock(), completed, max(0.0, seconds)))
+            self.batch_s = seconds if not self.batch_s else 0.7 * self.batch_s + 0.3 * seconds
 
     def arrived(self, n: int = 1) -> None:
         with self._lock:
@@ -70,7 +84,10 @@ class ServiceMeter:
                 self._busy_since = None
 
     def rate(self) -> float:
-        """Completed requests per busy second in the window; 0.0 before any completed."""
+        """Requests per second of service (pool jobs if any were recorded, else busy time).
+
+        The last measured rate while the window holds no completion; 0.0 before any.
+        """
         with self._lock:
             now = self.clock()
             start = now - self.window_s
@@ -78,13 +95,19 @@ class ServiceMeter:
                 self._done.popleft()
             while self._busy and self._busy[0][1] < start:
                 self._busy.popleft()
-            busy = sum(end - max(begin, start) for begin, end in self._busy)
-            if self._busy_since is not None:
-                busy += now - max(self._busy_since, start)
-            done = sum(n for _, n in self._done)
-        if done == 0 or busy <= 0.0:
-            return 0.0
-        return done / busy
+            while self._jobs and self._jobs[0][0] < start:
+                self._jobs.popleft()
+            if self._jobs:
+                done = sum(n for _, n, _ in self._jobs)
+                busy = sum(s for _, _, s in self._jobs)
+            else:
+                busy = sum(end - max(begin, start) for begin, end in self._busy)
+                if self._busy_since is not None:
+                    busy += now - max(self._busy_since, start)
+                done = sum(n for _, n in self._done)
+            if done > 0 and busy > 0.0:
+                self._last = done / busy
+            return self._last
 
 
 class SharedLoad:
@@ -95,6 +118,7 @@ class SharedLoad:
         self.models = [*models, OTHER_MODEL]
         self.queues = list(queues)
         self._rate = ctx.Value("d", 0.0, lock=False)
+        self._batch_s = ctx.Value("d", 0.0, lock=False)
         self._outstanding = ctx.Value("q", 0, lock=False)
         self._from_consumer = ctx.Value("b", 0, lock=False)
         self._heads = ctx.Array("d", [math.nan] * (2 * len(self.queues)), lock=False)
@@ -108,6 +132,7 @@ class SharedLoad:
         elif self._from_consumer.value:
             return
         self._rate.value = meter.rate()
+        self._batch_s.value = meter.batch_s
         self._outstanding.value = meter.outstanding
 
     def head(self, queue: str, wait_s: float, at: float) -> None:
@@ -125,6 +150,10 @@ class SharedLoad:
     @property
     def rate(self) -> float:
         return float(self._rate.value)
+
+    @property
+    def batch_s(self) -> float:
+        return float(self._batch_s.value)
 
     @property
     def outstanding(self) -> int | None:

@@ -181,6 +181,7 @@ class BatchingStrategy:
         # What the heartbeat advertises: service rate, requests outstanding here.
         self.meter = load.ServiceMeter(self.settings.service_rate_window_s, clock=clock)
         self._published = 0.0
+        self._last_job_end = 0.0  # when the pool last returned a batch (its service time's start)
 
     def policy(self, key: Hashable) -> BatchPolicy:
         """The key's limits, asked on every arrival (the batch sizer's cap may have moved)."""
@@ -302,7 +303,12 @@ class BatchingStrategy:
             if not release():
                 return
             outcomes, passes = result
-            self.meter.left(len(reqs), completed=sum(1 for o in outcomes if not o[0]))  # served
+            served = sum(1 for o in outcomes if not o[0])
+            self.meter.left(len(reqs), completed=served)
+            # Its service time: from the later of its dispatch and the pool's previous result.
+            now = self.clock()
+            self.meter.served(served, now - max(dispatched, self._last_job_end))
+            self._last_job_end = now
             for req, outcome in zip(reqs, outcomes, strict=True):
                 self._safely(req.on_success, req, outcome)
             if self.sizer is not None:
@@ -319,6 +325,7 @@ class BatchingStrategy:
             self.flush()
 
         hard, soft = _limits(reqs)
+        dispatched = self.clock()
         self.in_flight += 1
         self.in_flight_requests += len(reqs)
         self.pool.apply_async(

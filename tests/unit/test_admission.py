@@ -131,8 +131,29 @@ def test_service_meter_counts_busy_time_only() -> None:
     clock.t = 5.1
     meter.left(2, completed=0)  # dropped past their deadline: busy time, no completions
     assert meter.rate() == pytest.approx(4 / 0.2)
-    clock.t = 20.0  # everything slid out of the window
-    assert meter.rate() == 0.0 and meter.outstanding == 0
+    clock.t = 20.0  # everything slid out of the window: an idle worker keeps its last rate
+    assert meter.rate() == pytest.approx(4 / 0.2) and meter.outstanding == 0
+
+
+def test_service_meter_prefers_pool_job_service_time_over_busy_time() -> None:
+    # A batching worker fed at half its capacity is busy nearly all the time: busy time would
+    # advertise what it was offered.  Its pool jobs' service time says what it can do.
+    clock = Clock(0.0)
+    meter = ServiceMeter(window_s=10.0, clock=clock)
+    meter.arrived(100)
+    for _ in range(10):
+        clock.t += 1.0
+        meter.left(10)
+        meter.served(10, 0.05)  # 10 requests in a 50 ms batch, once a second
+    assert meter.rate() == pytest.approx(200.0)
+    assert meter.batch_s == pytest.approx(0.05)
+
+
+def test_the_estimate_counts_the_requests_own_batch() -> None:
+    admission = Admission(clock=Clock())
+    # 20 ahead at 200 req/s, then its own batch of 300 ms: 0.4 s, not 0.105 s.
+    w = worker("a", service_rate=200.0, backlog=20, batch_s=0.3)
+    assert admission.expected_wait(w).wait_s == pytest.approx(0.4)
 
 
 def test_service_meter_open_busy_interval_counts_until_now() -> None:
