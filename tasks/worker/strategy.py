@@ -63,6 +63,7 @@ from models.text import estimated_bucket
 from tasks.app import SENT_AT_HEADER
 from tasks.wire.catalog import local_catalog
 from tasks.wire.codec import is_envelope
+from tasks.wire.deadline import DEADLINE_HEADER
 from tasks.wire.request import infer_call
 from tasks.worker import load
 from tasks.worker.assembly import BatchAssembler, BatchPolicy
@@ -206,7 +207,9 @@ class BatchingStrategy:
         load.observe_head(
             req.delivery_info.get("routing_key"), req.request_dict.get(SENT_AT_HEADER), now
         )
-        if req.revoked():  # a deadline header alone (Celery's strategy checked expires)
+        # Celery's strategy has just checked a request with expires= (ours always carry it with
+        # a deadline); a deadline header alone, from a producer that is not ours, is checked here.
+        if req.expires is None and DEADLINE_HEADER in req.request_dict and req.revoked():
             return
         plan = self.plan(req)
         if plan is None:
