@@ -19,9 +19,11 @@ The broker and backend every lane shares are found once per run
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
+import tempfile
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -198,3 +200,50 @@ def stop_session(proc: subprocess.Popen[bytes] | None) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+def run_alone(
+    name: str,
+    options: Any,
+    path: Path,
+    make_lane: Callable[[LaneContext, Any], Any],
+    results_file: Callable[[dict[str, Any], Any, dict[str, Any], Any], dict[str, Any]],
+    plot: Callable[[dict[str, Any], Path], Path],
+) -> dict[str, Any]:
+    """Run a lane with a subcommand of its own (``scaling``, ``overload``); its summary.
+
+    On RabbitMQ and Redis only: starts the lane, runs ``options.rounds``
+    rounds, writes the results file at ``path``, its plot beside it, and
+    prints the table.
+    """
+    from benchmarks.machine import machine_info
+    from benchmarks.report import print_table
+
+    ctx = LaneContext(
+        Path(tempfile.mkdtemp(prefix=f"infer-{name}-")), options.device, options.model
+    )
+    settings = ctx.settings
+    if settings.embedded or not settings.broker.startswith(("amqp", "pyamqp")):
+        raise SystemExit(
+            f"the {name} lane runs on RabbitMQ and Redis: set CELERY_BROKER_URL=amqp://... and "
+            "CELERY_RESULT_BACKEND=redis://..."
+        )
+    lane = make_lane(ctx, options)
+    try:
+        lane.start()
+        lane.setup()
+        for _ in range(options.rounds):
+            lane.run_round(RoundConfig(requests=0, window=0, window_requests=0))
+        worker_rss = lane.rss_mb()
+    finally:
+        lane.close()
+    summary: dict[str, Any] = lane.summary(worker_rss)
+    machine = machine_info(settings.broker, settings.backend, settings.serializer, options.device)
+    result = results_file(summary, options, machine, lane.client_rss_mb())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    stem = path.stem if path.stem.endswith(name) else f"{path.stem}-{name}"
+    drawn = plot(summary, path.with_name(stem + ".png"))
+    print_table(result, path.as_posix())
+    print(f"wrote {path}, {drawn} (worker and client logs in {ctx.logdir})")
+    return summary

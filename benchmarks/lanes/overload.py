@@ -106,7 +106,6 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections import deque
@@ -119,7 +118,15 @@ from typing import IO, Any
 import psutil
 
 from benchmarks.cpu import CpuMeter, Group, descendants, own
-from benchmarks.lanes.base import Lane, LaneContext, RoundConfig, delete_queues, rss_mb, services
+from benchmarks.lanes.base import (
+    Lane,
+    LaneContext,
+    RoundConfig,
+    delete_queues,
+    rss_mb,
+    run_alone,
+    services,
+)
 from benchmarks.lanes.open_loop import poisson_schedule
 from benchmarks.lanes.scaling import cores
 from benchmarks.stats import percentiles, ratio
@@ -1166,37 +1173,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[Options, Path]:
 def main(argv: list[str] | None = None) -> int:
     """``python -m benchmarks overload [--quick] [--seconds 20] ... --json PATH``."""
     options, path = parse_args(argv)
-    from benchmarks.machine import machine_info
     from benchmarks.plots import overload_plot
-    from benchmarks.report import print_table
 
-    ctx = LaneContext(
-        Path(tempfile.mkdtemp(prefix="infer-overload-")), options.device, options.model
-    )
-    settings = ctx.settings
-    if settings.embedded or not settings.broker.startswith(("amqp", "pyamqp")):
-        raise SystemExit(
-            "the overload lane runs on RabbitMQ and Redis: set CELERY_BROKER_URL=amqp://... and "
-            "CELERY_RESULT_BACKEND=redis://..."
-        )
-    lane = OverloadLane(ctx, options)
-    try:
-        lane.start()
-        lane.setup()
-        for _ in range(options.rounds):
-            lane.run_round(RoundConfig(requests=0, window=0, window_requests=0))
-        worker_rss = lane.rss_mb()
-    finally:
-        lane.close()
-    summary = lane.summary(worker_rss)
-    machine = machine_info(settings.broker, settings.backend, settings.serializer, options.device)
-    result = results_file(summary, options, machine, lane.client_rss_mb())
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    stem = path.stem if path.stem.endswith("overload") else path.stem + "-overload"
-    plot = overload_plot(summary, path.with_name(stem + ".png"))
-    print_table(result, path.as_posix())
-    print(f"wrote {path}, {plot} (worker and client logs in {ctx.logdir})")
+    summary = run_alone("overload", options, path, OverloadLane, results_file, overload_plot)
     points = [p for m in summary["modes"].values() for p in m["points"]]
     bad = summary["computed_after_deadline"] or summary["untyped_refusals"]
     return 1 if bad or any(p["counts"]["lost"] for p in points) else 0

@@ -67,7 +67,6 @@ import select
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
@@ -78,7 +77,15 @@ from typing import IO, Any
 import psutil
 
 from benchmarks.cpu import CpuMeter, Group, descendants, own, per_request_ms
-from benchmarks.lanes.base import Lane, LaneContext, RoundConfig, delete_queues, rss_mb, services
+from benchmarks.lanes.base import (
+    Lane,
+    LaneContext,
+    RoundConfig,
+    delete_queues,
+    rss_mb,
+    run_alone,
+    services,
+)
 from benchmarks.stats import percentiles, ratio
 from routing.queues import direct_queue
 from tasks.ops.launcher import WorkerProcess
@@ -711,37 +718,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[Options, Path]:
 def main(argv: list[str] | None = None) -> int:
     """``python -m benchmarks scaling [--workers 1,2,4] [--model mlp] ... --json PATH``."""
     options, path = parse_args(argv)
-    from benchmarks.machine import machine_info
     from benchmarks.plots import scaling_plot
-    from benchmarks.report import print_table
 
-    ctx = LaneContext(
-        Path(tempfile.mkdtemp(prefix="infer-scaling-")), options.device, options.model
-    )
-    settings = ctx.settings
-    if settings.embedded or not settings.broker.startswith(("amqp", "pyamqp")):
-        raise SystemExit(
-            "the scaling lane runs on RabbitMQ and Redis: set CELERY_BROKER_URL=amqp://... and "
-            "CELERY_RESULT_BACKEND=redis://..."
-        )
-    lane = ScalingLane(ctx, options)
-    try:
-        lane.start()
-        lane.setup()
-        for _ in range(options.rounds):
-            lane.run_round(RoundConfig(requests=0, window=0, window_requests=0))
-        worker_rss = lane.rss_mb()
-    finally:
-        lane.close()
-    summary = lane.summary(worker_rss)
-    machine = machine_info(settings.broker, settings.backend, settings.serializer, options.device)
-    result = results_file(summary, options, machine, lane.client_rss_mb())
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    stem = path.stem if path.stem.endswith("scaling") else path.stem + "-scaling"
-    plot = scaling_plot(summary, path.with_name(stem + ".png"))
-    print_table(result, path.as_posix())
-    print(f"wrote {path}, {plot} (worker and client logs in {ctx.logdir})")
+    summary = run_alone("scaling", options, path, ScalingLane, results_file, scaling_plot)
     points = summary["points"].values()
     return 0 if all(p["errors"] == 0 and p["lost"] == 0 for p in points) else 1
 
