@@ -35,6 +35,7 @@ from models import errors
 from tasks import app, infer
 from tasks.ops.launcher import WorkerProcess
 from tests.integration.flower_server import Flower, running_flower
+from tests.integration.plain_client import plain_client
 
 pytestmark = pytest.mark.integration
 Pair = tuple[WorkerProcess, WorkerProcess, str]
@@ -202,20 +203,8 @@ PATHS = ("bare", "send_task", "apply_async", "flower")
 @pytest.fixture(scope="module")
 def bare() -> Iterator[Celery]:
     """A client that imports nothing of this project: stock Celery, the workers' serializer."""
-    client = Celery(
-        "plain",
-        broker=os.environ["CELERY_BROKER_URL"],
-        backend=os.environ["CELERY_RESULT_BACKEND"],
-    )
-    client.conf.update(
-        task_serializer="msgpack",
-        result_serializer="msgpack",
-        accept_content=["msgpack", "json"],
-        result_accept_content=["msgpack", "json"],
-        broker_transport_options={"confirm_publish": True},
-    )
-    yield client
-    client.close()
+    with plain_client() as client:
+        yield client
 
 
 @pytest.fixture(scope="module")
