@@ -62,7 +62,9 @@ class ServiceMeter:
     def served(self, completed: int, seconds: float) -> None:
         """One pool job finished: ``completed`` requests served in ``seconds`` of service."""
         with self._lock:
-            self._jobs.append((self.clock(), completed, max(0.0, seconds)))
+            now = self.clock()
+            self._prune(now)
+            self._jobs.append((now, completed, max(0.0, seconds)))
             self.batch_s = seconds if not self.batch_s else 0.7 * self.batch_s + 0.3 * seconds
 
     def arrived(self, n: int = 1) -> None:
@@ -71,10 +73,21 @@ class ServiceMeter:
                 self._busy_since = self.clock()
             self.outstanding += n
 
+    def _prune(self, now: float) -> None:
+        """Forget what slid out of the window (the lock held)."""
+        start = now - self.window_s
+        while self._done and self._done[0][0] < start:
+            self._done.popleft()
+        while self._busy and self._busy[0][1] < start:
+            self._busy.popleft()
+        while self._jobs and self._jobs[0][0] < start:
+            self._jobs.popleft()
+
     def left(self, n: int, completed: int | None = None) -> None:
         """``n`` requests left the worker, ``completed`` of them served (default: all)."""
         with self._lock:
             now = self.clock()
+            self._prune(now)  # bounded even when no one asks for the rate
             done = n if completed is None else completed
             if done:
                 self._done.append((now, done))
@@ -91,12 +104,7 @@ class ServiceMeter:
         with self._lock:
             now = self.clock()
             start = now - self.window_s
-            while self._done and self._done[0][0] < start:
-                self._done.popleft()
-            while self._busy and self._busy[0][1] < start:
-                self._busy.popleft()
-            while self._jobs and self._jobs[0][0] < start:
-                self._jobs.popleft()
+            self._prune(now)
             if self._jobs:
                 done = sum(n for _, n, _ in self._jobs)
                 busy = sum(s for _, _, s in self._jobs)

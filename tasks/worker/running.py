@@ -46,9 +46,11 @@ def _task_started(task: Any = None, **_: Any) -> None:
     global _running
     with _lock:
         _running += 1
-    meter().arrived()
     shared = load.shared()
-    if shared is not None and shared.outstanding is None and task is not None:
+    if shared is not None and shared.outstanding is not None:
+        return  # the batching consumer measures load and queue heads
+    meter().arrived()
+    if shared is not None and task is not None:
         # No batching consumer records queue heads: the queue wait of the message it runs.
         request = task.request
         routing_key = (getattr(request, "delivery_info", None) or {}).get("routing_key")
@@ -60,4 +62,6 @@ def _task_done(state: str | None = None, **_: Any) -> None:
     global _running
     with _lock:
         _running = max(0, _running - 1)
-    meter().left(1, completed=int(state == "SUCCESS"))
+    shared = load.shared()
+    if shared is None or shared.outstanding is None:  # else the batching consumer measures
+        meter().left(1, completed=int(state == "SUCCESS"))
