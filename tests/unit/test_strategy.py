@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from routing.admission import DEADLINE_HEADER
 from tasks.app import app
 from tasks.settings import Settings
 from tasks.wire.catalog import local_catalog
@@ -83,6 +84,7 @@ class FakeRequest:
         self.args = [model, inputs]
         self.kwargs: dict[str, Any] = {}
         self.eta = None
+        self.expires: Any = None
         self.time_limits = time_limits
         self.message = FakeMessage([self.args, self.kwargs, embed or {"chord": None}])
         self.delivery_info = {"redelivered": redelivered}
@@ -163,6 +165,26 @@ def test_a_revoked_request_is_dropped_when_its_batch_leaves() -> None:
     consumer.pool.jobs[0].finish()
     assert consumer.pool.jobs[1].ids == ["t0", "t2"]  # never computed
     assert waiting[1].events == [("revoked", None)]
+
+
+def test_only_a_deadline_header_without_expires_is_checked_on_arrival() -> None:
+    """Celery's strategy has checked a request with expires= already; a foreign producer's
+    deadline header alone is checked by collect, and a past one never joins a batch."""
+    strategy, consumer, _ = make()
+    strategy.collect(FakeRequest("busy", SAMPLE))
+    foreign = FakeRequest("foreign", SAMPLE)
+    foreign.request_dict[DEADLINE_HEADER] = "2000-01-01T00:00:00+00:00"
+    foreign.is_revoked = True  # what DeadlineRequest.revoked() says of a past deadline
+    ours = FakeRequest("ours", SAMPLE)
+    ours.expires = "2000-01-01T00:00:00+00:00"
+    ours.request_dict[DEADLINE_HEADER] = ours.expires
+    strategy.collect(foreign)
+    strategy.collect(ours)
+    assert foreign.events == [("revoked", None)]
+    assert ours.events == []  # not asked twice on arrival
+    consumer.pool.jobs[0].finish()
+    assert consumer.pool.jobs[1].ids == ["ours"]
+    assert consumer.unbatched == []
 
 
 def test_a_redelivered_request_runs_in_a_batch_of_one() -> None:
