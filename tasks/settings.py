@@ -241,6 +241,12 @@ class Settings:
         True,
         "cap each model's batches where its forward passes are cheapest per sample",
     )
+    batch_deadline_share: float = setting(
+        "INFER_BATCH_DEADLINE_SHARE",
+        0.25,
+        "cap a batch so its measured service time stays within this share of its requests' "
+        "deadline budget, at most 1 (1: only the whole budget)",
+    )
     queue_type: str = setting(
         "INFER_QUEUE_TYPE", "quorum", "task queues (classic: RabbitMQ < 3.10)", choices=QUEUE_TYPES
     )
@@ -320,6 +326,11 @@ class Settings:
                 raise ConfigurationError(f"{spec.env}={value} must be at least {spec.at_least}")
             if kind is float and value <= 0:
                 raise ConfigurationError(f"{spec.env}={value} must be positive")
+        if self.batch_deadline_share > 1:
+            raise ConfigurationError(
+                f"INFER_BATCH_DEADLINE_SHARE={self.batch_deadline_share} must be at most 1: it is "
+                "the share of a request's deadline budget its batch's service time may take"
+            )
         if self.serializer not in SERIALIZERS:
             raise ConfigurationError(
                 f"INFER_SERIALIZER={self.serializer!r}: use one of {', '.join(SERIALIZERS)}; "

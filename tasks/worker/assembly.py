@@ -8,6 +8,12 @@ requests are **due** when
 - the oldest has waited the key's ``max_wait_ms``, or
 - no batch is in flight at all: a lone request is never held for the timeout.
 
+A request may also bring a **limit** of its own: the most samples it can
+wait in a batch with and still meet its deadline (the batching strategy
+derives it from the request's deadline budget and the key's measured time per
+sample).  A key's cap is the smallest of its policy's ``max_batch_size`` and
+its waiting requests' limits: a key is full, and is cut, there.
+
 Only as many batches are taken as the pool has free processes: while the
 pool child computes, requests keep joining their batch, so a busy worker
 forms full batches and an idle one answers at once.  The oldest due batch
@@ -24,9 +30,10 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-__all__ = ["BatchAssembler", "BatchPolicy", "Waiting"]
+__all__ = ["ALONE", "BatchAssembler", "BatchPolicy", "Waiting"]
 
 T = TypeVar("T")
+ALONE = "alone"  # the first element of the key of a request queued alone: (ALONE, n)
 _EPSILON_MS = 1e-6  # float rounding: a timer armed for the max wait finds its key due
 
 
@@ -43,6 +50,7 @@ class Waiting(Generic[T]):
     item: T
     samples: int
     since: float
+    limit: int | None = None  # the most samples this request's batch may hold (None: no limit)
 
 
 @dataclass
@@ -53,6 +61,12 @@ class _Queue(Generic[T]):
     @property
     def samples(self) -> int:
         return sum(w.samples for w in self.items)
+
+    @property
+    def cap(self) -> int:
+        """Samples per batch: the policy's, or a waiting request's own limit if smaller."""
+        limits = [w.limit for w in self.items if w.limit is not None]
+        return min(self.policy.max_batch_size, *limits) if limits else self.policy.max_batch_size
 
 
 class BatchAssembler(Generic[T]):
@@ -67,11 +81,20 @@ class BatchAssembler(Generic[T]):
         return sum(len(q.items) for q in self._queues.values())
 
     def add(
-        self, key: Hashable, item: T, now: float, samples: int = 1, alone: bool = False
+        self,
+        key: Hashable,
+        item: T,
+        now: float,
+        samples: int = 1,
+        alone: bool = False,
+        limit: int | None = None,
     ) -> None:
-        """Queue ``item`` (``samples`` samples) under ``key``; ``alone``: a batch of its own."""
+        """Queue ``item`` (``samples`` samples) under ``key``; ``alone``: a batch of its own.
+
+        ``limit``: the most samples ``item``'s batch may hold (at least its own).
+        """
         if alone:
-            key = ("alone", next(self._alone))
+            key = (ALONE, next(self._alone))
             policy = BatchPolicy(max_batch_size=1, max_wait_ms=0.0)
         else:
             policy = self._policy(key)
@@ -80,13 +103,16 @@ class BatchAssembler(Generic[T]):
             queue = self._queues[key] = _Queue(policy)
         else:
             queue.policy = policy  # a key's limits may change (the batch sizer's cap)
-        queue.items.append(Waiting(item, max(1, samples), now))
+        samples = max(1, samples)
+        queue.items.append(
+            Waiting(item, samples, now, None if limit is None else max(samples, limit))
+        )
 
     def _due(self, queue: _Queue[T], now: float, in_flight: int) -> bool:
         oldest = queue.items[0].since
         return (
             in_flight == 0
-            or queue.samples >= queue.policy.max_batch_size
+            or queue.samples >= queue.cap
             or (now - oldest) * 1000.0 >= queue.policy.max_wait_ms - _EPSILON_MS
         )
 
@@ -114,9 +140,7 @@ class BatchAssembler(Generic[T]):
         queued = 0
         while queued < queue_slots and self._queues:
             full = [
-                (q.items[0].since, key)
-                for key, q in self._queues.items()
-                if q.samples >= q.policy.max_batch_size
+                (q.items[0].since, key) for key, q in self._queues.items() if q.samples >= q.cap
             ]
             if not full:
                 break
@@ -130,6 +154,8 @@ class BatchAssembler(Generic[T]):
         queue = self._queues[key]
         cap, taken, samples = queue.policy.max_batch_size, 0, 0
         for waiting in queue.items:
+            if waiting.limit is not None:
+                cap = min(cap, waiting.limit)  # a request joins only a batch within its limit
             if taken and samples + waiting.samples > cap:
                 break
             taken += 1

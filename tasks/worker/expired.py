@@ -46,13 +46,21 @@ def model_of(args: Any, kwargs: Any) -> str:
 
 class DeadlineRequest(PoisonAwareRequest):
     _dropped_late = False
+    _deadline: float | bool | None = False  # False: not read yet
+
+    @property
+    def deadline(self) -> float | None:
+        """This request's absolute deadline (epoch seconds), read once; None if it has none."""
+        if self._deadline is False:
+            self._deadline = of_request(self.request_dict, time.time())
+        return self._deadline
 
     def past_deadline(self, now: float) -> DeadlineExceeded | None:
         """The error to store if this request's deadline is past at ``now``, else None."""
         if self.id in revoked_tasks:  # revoked by id (or already expired by Celery): REVOKED
             return None
         try:
-            check(of_request(self.request_dict, now), now, "the worker could start it")
+            check(self.deadline, now, "the worker could start it")
         except DeadlineExceeded as e:
             return e
         return None

@@ -38,6 +38,17 @@ just before the forward pass.
 (arrivals, completions, drops) and each queue's head wait, which the
 heartbeat advertises for admission control and the queue exporter.
 
+**Batches fit their requests' deadlines**: a full batch of a slow model
+(``minilm`` on one CPU core: 64 sentences, about 300 ms) can take most of a
+500 ms deadline by itself, and a request arriving while one runs waits for it
+and then for its own.  So each request with a deadline joins only a batch
+whose expected service time (the key's measured pool-job time per sample,
+:meth:`BatchingStrategy.served_per_sample`) stays within
+``INFER_BATCH_DEADLINE_SHARE`` (a quarter) of its deadline budget, from its
+send to its deadline: the rest is for the broker queue, the batch ahead of it,
+and admission control's margin.  Requests without a deadline batch up to the
+model's ``max_batch_size`` as before.
+
 **A redelivered request runs alone** (``redelivered`` or an
 ``x-delivery-count``): if it is the one that killed the child, it cannot take
 good batch-mates to the dead-letter queue with it.
@@ -66,7 +77,7 @@ from tasks.wire.codec import is_envelope
 from tasks.wire.deadline import DEADLINE_HEADER
 from tasks.wire.request import infer_call
 from tasks.worker import load
-from tasks.worker.assembly import BatchAssembler, BatchPolicy
+from tasks.worker.assembly import ALONE, BatchAssembler, BatchPolicy
 from tasks.worker.batch_job import run_batch
 from tasks.worker.poison import deliveries
 from tasks.worker.sizing import BatchSizer
@@ -74,6 +85,8 @@ from tasks.worker.sizing import BatchSizer
 __all__ = ["BatchingStrategy", "batch_key", "batching", "discard_waiting"]
 
 log = logging.getLogger(__name__)
+
+_MAX_KEYS_MEASURED = 1024  # batch keys whose time per sample is kept (shapes can be many)
 
 
 def batching(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Any:
@@ -170,7 +183,7 @@ class BatchingStrategy:
         self.settings = app.infer_settings
         self.consumer = consumer
         self.pool = consumer.pool
-        self.assembler: BatchAssembler[tuple[Any, float]] = BatchAssembler(self.policy)
+        self.assembler: BatchAssembler[tuple[Any, float, int]] = BatchAssembler(self.policy)
         self.in_flight = 0  # batch jobs sent to the pool and not finished
         self.in_flight_requests = 0  # the requests in them
         # Reserved requests of this worker (Celery's worker state): ours and everyone else's.
@@ -183,6 +196,8 @@ class BatchingStrategy:
         self.meter = load.ServiceMeter(self.settings.service_rate_window_s, clock=clock)
         self._published = 0.0
         self._last_job_end = 0.0  # when the pool last returned a batch (its service time's start)
+        # Per batch key: a pool job's service time per sample, ms (a moving average).
+        self._ms_per_sample: dict[Hashable, float] = {}
 
     def policy(self, key: Hashable) -> BatchPolicy:
         """The key's limits, asked on every arrival (the batch sizer's cap may have moved)."""
@@ -217,8 +232,30 @@ class BatchingStrategy:
             return
         key, samples, alone = plan
         self.meter.arrived()
-        self.assembler.add(key, (req, now), self.clock(), samples, alone)
+        limit = None if alone else self.deadline_limit(key, req, now)
+        self.assembler.add(key, (req, now, samples), self.clock(), samples, alone, limit)
         self.flush()
+
+    def deadline_limit(self, key: Hashable, req: Any, now: float) -> int | None:
+        """The most samples ``req``'s batch may hold to fit its deadline (None: no limit).
+
+        Its batch's expected service time (samples x the key's measured time
+        per sample) stays within ``INFER_BATCH_DEADLINE_SHARE`` of the
+        request's budget: from its send (``infer_sent_at``; else its arrival)
+        to its deadline.  No limit before the key's first batch is measured.
+        """
+        per_sample_ms = self._ms_per_sample.get(key)
+        deadline = req.deadline
+        if per_sample_ms is None or deadline is None:
+            return None
+        sent = req.request_dict.get(SENT_AT_HEADER)
+        start = sent if isinstance(sent, int | float) and sent <= now else now
+        budget_ms = (deadline - start) * 1000.0
+        return max(1, int(self.settings.batch_deadline_share * budget_ms / per_sample_ms))
+
+    def served_per_sample(self, key: Hashable) -> float | None:
+        """The key's measured pool-job service time per sample, ms; None before its first batch."""
+        return self._ms_per_sample.get(key)
 
     def plan(self, req: Any) -> tuple[Hashable, int, bool] | None:
         """(key, samples, alone) for a batchable request; None for Celery's one-request path."""
@@ -263,12 +300,12 @@ class BatchingStrategy:
             batches = self.assembler.take(now, max(0, free), busy, queue_slots=queue)
             if not batches:
                 break
-            for _, items in batches:
-                live = [(req, arrived) for req, arrived in items if not req.revoked()]
+            for key, items in batches:
+                live = [item for item in items if not item[0].revoked()]
                 if len(live) < len(items):  # revoked or past the deadline: never computed
                     self.meter.left(len(items) - len(live), completed=0)
                 if live:
-                    self.dispatch(live)
+                    self.dispatch(live, key)
         self._arm_timer(now)
         self._publish_load(now)
 
@@ -279,10 +316,12 @@ class BatchingStrategy:
             self._published = now
             shared.publish(self.meter, from_consumer=True)
 
-    def dispatch(self, items: list[tuple[Any, float]]) -> None:
-        """One pool job for ``items``; Celery's request handlers for each when it is done."""
-        reqs = [req for req, _ in items]
-        payload = [(req.request_dict, req.message.payload[2] or {}, at) for req, at in items]
+    def dispatch(self, items: list[tuple[Any, float, int]], key: Hashable = None) -> None:
+        """One pool job for ``items`` (request, arrival, samples) of ``key``; Celery's request
+        handlers for each when it is done."""
+        reqs = [req for req, _, _ in items]
+        batch_samples = sum(n for _, _, n in items)
+        payload = [(req.request_dict, req.message.payload[2] or {}, at) for req, at, _ in items]
         finished = False
 
         def release() -> bool:
@@ -310,8 +349,11 @@ class BatchingStrategy:
             self.meter.left(len(reqs), completed=served)
             # Its service time: from the later of its dispatch and the pool's previous result.
             now = self.clock()
-            self.meter.served(served, now - max(dispatched, self._last_job_end))
+            service_s = now - max(dispatched, self._last_job_end)
+            self.meter.served(served, service_s)
             self._last_job_end = now
+            if served and isinstance(key, tuple) and key[0] != ALONE:
+                self._observe(key, service_s * 1000.0 / batch_samples)
             for req, outcome in zip(reqs, outcomes, strict=True):
                 self._safely(req.on_success, req, outcome)
             if self.sizer is not None:
@@ -341,6 +383,14 @@ class BatchingStrategy:
             timeout=hard,
             soft_timeout=soft,
             correlation_id=reqs[0].id,
+        )
+
+    def _observe(self, key: Hashable, ms_per_sample: float) -> None:
+        old = self._ms_per_sample.get(key)
+        if old is None and len(self._ms_per_sample) >= _MAX_KEYS_MEASURED:
+            del self._ms_per_sample[next(iter(self._ms_per_sample))]  # the longest known
+        self._ms_per_sample[key] = (
+            ms_per_sample if old is None else old + 0.3 * (ms_per_sample - old)
         )
 
     def _events_on(self) -> bool:

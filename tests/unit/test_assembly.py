@@ -97,3 +97,24 @@ def test_a_full_batch_may_wait_in_the_pool_queue_a_partial_one_may_not() -> None
     assert a.take(now=0.0, free_slots=0, in_flight=2, queue_slots=0) == []
     assert a.take(now=0.0, free_slots=0, in_flight=1, queue_slots=5) == [("k", ["r2", "r3"])]
     assert len(a) == 1  # r4 alone is not full: it waits to grow
+
+
+def test_a_request_s_limit_makes_its_key_full_sooner_and_it_joins_only_a_batch_within_it() -> None:
+    a = make(size=8)
+    a.add("k", "r0", now=0.0, limit=3)
+    a.add("k", "r1", now=0.0, limit=3)
+    assert a.take(now=0.0, free_slots=1, in_flight=1) == []  # 2 of its 3: not full
+    a.add("k", "r2", now=0.0, limit=3)
+    a.add("k", "r3", now=0.0, limit=3)
+    assert a.take(now=0.0, free_slots=1, in_flight=1) == [("k", ["r0", "r1", "r2"])]
+    # Requests without a limit ahead of a limited one: they go together up to its limit.
+    b = make(size=8)
+    for i in range(4):
+        b.add("k", f"n{i}", now=0.0)
+    b.add("k", "tight", now=0.0, limit=2)
+    assert b.take(now=0.0, free_slots=1, in_flight=1) == [("k", ["n0", "n1", "n2", "n3"])]
+    assert b.take(now=0.0, free_slots=1, in_flight=0) == [("k", ["tight"])]
+    # A limit below a request's own samples is its own size: it still runs.
+    c = make(size=8)
+    c.add("k", "big", now=0.0, samples=5, limit=2)
+    assert c.take(now=0.0, free_slots=1, in_flight=1) == [("k", ["big"])]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 from typing import Any
@@ -132,17 +133,39 @@ def test_the_consumer_drops_by_deadline_but_leaves_revoked_ones_to_celery(
 ) -> None:
     from tasks.worker import expired
 
-    request: Any = SimpleNamespace(
-        id="r1", request_dict={"expires": (datetime.now(UTC) - timedelta(seconds=1)).isoformat()}
-    )
-    late = expired.DeadlineRequest.past_deadline(request, datetime.now(UTC).timestamp())
+    def request(request_dict: dict[str, Any]) -> Any:
+        """A request as DeadlineRequest sees it: its deadline read by its own property."""
+        r = SimpleNamespace(id="r1", request_dict=request_dict, _deadline=False)
+        r.deadline = expired.DeadlineRequest.deadline.fget(r)  # type: ignore[attr-defined]
+        return r
+
+    past = {"expires": (datetime.now(UTC) - timedelta(seconds=1)).isoformat()}
+    late = expired.DeadlineRequest.past_deadline(request(past), datetime.now(UTC).timestamp())
     assert isinstance(late, DeadlineExceeded) and "could start it" in str(late)
-    request.request_dict = {"deadline": (datetime.now(UTC) + timedelta(seconds=9)).isoformat()}
-    assert expired.DeadlineRequest.past_deadline(request, datetime.now(UTC).timestamp()) is None
+    later = request({"deadline": (datetime.now(UTC) + timedelta(seconds=9)).isoformat()})
+    assert expired.DeadlineRequest.past_deadline(later, datetime.now(UTC).timestamp()) is None
     # Revoked by id (AsyncResult.revoke()): Celery's REVOKED, whatever its deadline.
-    request.request_dict = {"expires": (datetime.now(UTC) - timedelta(seconds=1)).isoformat()}
     monkeypatch.setattr(expired, "revoked_tasks", {"r1"})
-    assert expired.DeadlineRequest.past_deadline(request, datetime.now(UTC).timestamp()) is None
+    assert (
+        expired.DeadlineRequest.past_deadline(request(past), datetime.now(UTC).timestamp()) is None
+    )
+
+
+def test_a_request_reads_its_deadline_once() -> None:
+    """A numeric header without a send stamp counts from the first read, not from each check."""
+    from tasks.worker import expired
+
+    r = SimpleNamespace(request_dict={"deadline": 500}, _deadline=False)
+    first = expired.DeadlineRequest.deadline.fget(r)  # type: ignore[attr-defined]
+    time.sleep(0.01)
+    assert expired.DeadlineRequest.deadline.fget(r) == first  # type: ignore[attr-defined]
+    assert first is not None and abs(first - (time.time() + 0.5)) < 0.1
+    assert (
+        expired.DeadlineRequest.deadline.fget(  # type: ignore[attr-defined]
+            SimpleNamespace(request_dict={}, _deadline=False)
+        )
+        is None
+    )
 
 
 def test_model_of_an_infer_call_for_the_metric_label() -> None:

@@ -190,6 +190,13 @@ def test_every_bound_is_checked_and_names_the_variable(env: str, kind: type, at_
     assert str(raised.value) == f"{env}='x' is not {what}"
 
 
+def test_the_batch_deadline_share_is_at_most_the_whole_budget() -> None:
+    with pytest.raises(ConfigurationError) as raised:
+        Settings.from_env({"INFER_BATCH_DEADLINE_SHARE": "1.5"})
+    assert "INFER_BATCH_DEADLINE_SHARE=1.5 must be at most 1" in str(raised.value)
+    assert Settings.from_env({"INFER_BATCH_DEADLINE_SHARE": "1"}).batch_deadline_share == 1.0
+
+
 def test_bounds_hold_for_keyword_construction_and_replace() -> None:
     with pytest.raises(ConfigurationError, match="INFER_MAX_BATCH_SIZE=0 must be at least 1"):
         Settings(max_batch_size=0)
@@ -270,6 +277,9 @@ def test_every_setting_is_read_from_its_variable(tmp_path: Path) -> None:
         if kind is bool:
             expected[f.name] = not f.default
             env[spec.env] = "no" if f.default else "yes"
+        elif f.name == "batch_deadline_share":  # a share: at most 1
+            other = expected[f.name] = getattr(Settings, f.name) * 2
+            env[spec.env] = str(other)
         elif kind in (int, float):
             other = expected[f.name] = getattr(Settings, f.name) * 2 + 1
             env[spec.env] = str(other)

@@ -7,6 +7,7 @@ tests/integration/test_batching.py.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 
 from routing.admission import DEADLINE_HEADER
-from tasks.app import app
+from tasks.app import SENT_AT_HEADER, app
 from tasks.settings import Settings
 from tasks.wire.catalog import local_catalog
 from tasks.wire.codec import encode
@@ -30,7 +31,10 @@ class Job:
     def ids(self) -> list[str]:
         return [request["id"] for request, _, _ in self.args[1]]
 
+    done: bool = False
+
     def finish(self, outcomes: list[Any] | None = None, passes: list[Any] | None = None) -> None:
+        self.done = True
         self.options["callback"]((outcomes or [(0, "ok", 0.001)] * len(self.ids), passes or []))
 
 
@@ -85,6 +89,7 @@ class FakeRequest:
         self.kwargs: dict[str, Any] = {}
         self.eta = None
         self.expires: Any = None
+        self.deadline: float | None = None  # DeadlineRequest.deadline: absolute, epoch seconds
         self.time_limits = time_limits
         self.message = FakeMessage([self.args, self.kwargs, embed or {"chord": None}])
         self.delivery_info = {"redelivered": redelivered}
@@ -177,6 +182,7 @@ def test_only_a_deadline_header_without_expires_is_checked_on_arrival() -> None:
     foreign.is_revoked = True  # what DeadlineRequest.revoked() says of a past deadline
     ours = FakeRequest("ours", SAMPLE)
     ours.expires = "2000-01-01T00:00:00+00:00"
+    ours.deadline = 946684800.0
     ours.request_dict[DEADLINE_HEADER] = ours.expires
     strategy.collect(foreign)
     strategy.collect(ours)
@@ -327,3 +333,43 @@ def test_without_batch_sizing_the_models_limit_stands() -> None:
         strategy.collect(FakeRequest(f"a{i}", SAMPLE))
     consumer.pool.jobs[1].finish(passes=[("mlp@1", 8, 8 * 30.0, 64)])
     assert len(consumer.pool.jobs[2].ids) == 8
+
+
+def test_a_request_joins_only_a_batch_that_fits_its_deadline() -> None:
+    """Each batch's expected service time (measured ms per sample x samples) stays within
+    INFER_BATCH_DEADLINE_SHARE of its requests' budget, from their send to their deadline."""
+    strategy, consumer, clock = make(INFER_MAX_BATCH_SIZE="64", INFER_BATCH_DEADLINE_SHARE="0.25")
+    sent = time.time()
+
+    def timed(task_id: str, budget_s: float | None = 0.5) -> FakeRequest:
+        r = FakeRequest(task_id, SAMPLE)
+        r.request_dict[SENT_AT_HEADER] = sent
+        r.deadline = None if budget_s is None else sent + budget_s
+        return r
+
+    strategy.collect(timed("first"))  # nothing measured yet: no limit, and it goes at once
+    clock.now += 0.010  # its pool job took 10 ms for its one sample
+    consumer.pool.jobs[0].finish()
+    (key,) = strategy._ms_per_sample
+    assert strategy.served_per_sample(key) == pytest.approx(10.0)
+    for i in range(40):
+        strategy.collect(timed(f"d{i}"))  # 0.25 x 500 ms / 10 ms: at most 12 a batch
+    while len(strategy.assembler) or strategy.in_flight:
+        clock.now += 0.120
+        next(j for j in consumer.pool.jobs if "callback" in j.options and not j.done).finish()
+    sizes = [len(j.ids) for j in consumer.pool.jobs[1:]]
+    assert sum(sizes) == 40 and max(sizes) == 12, sizes
+    # A tighter budget, a smaller batch; without a deadline, the model's max_batch_size.
+    per_sample = strategy.served_per_sample(key)
+    assert per_sample is not None
+    strategy.collect(timed("busy", None))
+    for i in range(30):
+        strategy.collect(timed(f"t{i}", 0.4))
+    assert len(consumer.pool.jobs[-1].ids) == int(0.25 * 400 / per_sample)
+    consumer.pool.jobs[-2].finish()
+    for i in range(30):
+        strategy.collect(timed(f"n{i}", None))
+    consumer.pool.jobs[-1].finish()
+    while len(strategy.assembler) or strategy.in_flight:
+        next(j for j in consumer.pool.jobs if not j.done).finish()
+    assert next(len(j.ids) for j in consumer.pool.jobs if j.ids[0].startswith("n")) == 30
