@@ -149,7 +149,7 @@ class CapabilityRouter:
             if admitted is not chosen:
                 self._count("rerouted", decision=False)
                 chosen = admitted
-        self.admission.routed(chosen.name)
+        self.admission.routed(chosen)
         return chosen
 
     def _decide(self, req: TaskRequirements) -> WorkerCapabilities:

@@ -277,7 +277,7 @@ class Settings:
     )
     admission_margin: float = setting(
         "INFER_ADMISSION_MARGIN",
-        0.25,
+        0.5,
         "safety margin of admission control: refused when wait x (1 + margin) > time left",
     )
     service_rate_window_s: float = setting(

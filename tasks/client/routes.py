@@ -115,7 +115,11 @@ def _requirements(spec: ModelSpec, model: object, dtype: object) -> TaskRequirem
 def build_router(settings: Settings) -> CapabilityRouter:
     """A router over the registry ``settings`` name (backend, namespace, heartbeat)."""
     sticky = StickyCache(ttl_s=settings.sticky_ttl_s, max_size=settings.sticky_size)
-    admission = Admission(margin=settings.admission_margin, enabled=settings.admission)
+    admission = Admission(
+        margin=settings.admission_margin,
+        enabled=settings.admission,
+        batch_share=settings.batch_deadline_share,
+    )
 
     def lost(worker: str) -> None:
         sticky.drop_worker(worker)

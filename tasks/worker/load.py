@@ -10,11 +10,17 @@ forks (``multiprocessing`` shared memory, no lock needed for single words):
   not what it was offered, over the last ``INFER_SERVICE_RATE_WINDOW_S``.  A
   batching worker divides the requests its pool jobs completed by those
   jobs' service time (from the later of a job's dispatch and the previous
-  job's end, to its result): a half-loaded worker whose batches are small
-  still advertises what full batches would do, roughly.  Otherwise,
-  requests completed per second of time the worker had work.  With nothing
-  completed in the window, the last measured rate stands (an idle worker
-  is not an unknown one);
+  job's end, to its result), counting only **saturated** jobs (batches that
+  left full, or with more requests waiting behind them) when the window
+  holds any: a half-fed worker's small batches are slower per request
+  (``minilm`` on one core: 61 req/s in batches of one, 215 in batches of
+  64), and advertising that rate made admission control refuse more, which
+  fed the worker less (a spiral the overload lane showed: 101 req/s
+  advertised at 4x a capacity of 179).  Without a saturated job in the
+  window, the larger of all jobs' rate and the last saturated rate stands.
+  Otherwise (no batching), requests completed per second of time the
+  worker had work.  With nothing completed in the window, the last measured
+  rate stands (an idle worker is not an unknown one);
 - the **batch time**: a running average of one pool job's service time,
   the time a request spends in its own batch once that batch starts;
 - the requests **outstanding** here (waiting in a batch or running);
@@ -54,17 +60,22 @@ class ServiceMeter:
         self._busy_since: float | None = None
         self._busy: deque[tuple[float, float]] = deque()  # closed busy intervals (start, end)
         self._done: deque[tuple[float, int]] = deque()  # (when, requests completed)
-        self._jobs: deque[tuple[float, int, float]] = deque()  # (when, completed, service s)
+        # (when, completed, service s, saturated)
+        self._jobs: deque[tuple[float, int, float, bool]] = deque()
         self._last = 0.0  # the last rate measured: it stands while the window is empty
+        self._last_saturated = 0.0  # the last rate of saturated jobs
         self.batch_s = 0.0  # running average of one pool job's service time
         self._lock = threading.Lock()
 
-    def served(self, completed: int, seconds: float) -> None:
-        """One pool job finished: ``completed`` requests served in ``seconds`` of service."""
+    def served(self, completed: int, seconds: float, saturated: bool = False) -> None:
+        """One pool job finished: ``completed`` requests served in ``seconds`` of service.
+
+        ``saturated``: the batch left full, or with requests waiting behind it.
+        """
         with self._lock:
             now = self.clock()
             self._prune(now)
-            self._jobs.append((now, completed, max(0.0, seconds)))
+            self._jobs.append((now, completed, max(0.0, seconds), saturated))
             self.batch_s = seconds if not self.batch_s else 0.7 * self.batch_s + 0.3 * seconds
 
     def arrived(self, n: int = 1) -> None:
@@ -106,16 +117,26 @@ class ServiceMeter:
             start = now - self.window_s
             self._prune(now)
             if self._jobs:
-                done = sum(n for _, n, _ in self._jobs)
-                busy = sum(s for _, _, s in self._jobs)
-            else:
-                busy = sum(end - max(begin, start) for begin, end in self._busy)
-                if self._busy_since is not None:
-                    busy += now - max(self._busy_since, start)
-                done = sum(n for _, n in self._done)
+                return self._job_rate()
+            busy = sum(end - max(begin, start) for begin, end in self._busy)
+            if self._busy_since is not None:
+                busy += now - max(self._busy_since, start)
+            done = sum(n for _, n in self._done)
             if done > 0 and busy > 0.0:
                 self._last = done / busy
             return self._last
+
+    def _job_rate(self) -> float:
+        """The pool jobs' rate: saturated ones' if the window holds any (the lock held)."""
+        full = [(n, s) for _, n, s, saturated in self._jobs if saturated]
+        jobs = full or [(n, s) for _, n, s, _ in self._jobs]
+        done, busy = sum(n for n, _ in jobs), sum(s for _, s in jobs)
+        if done > 0 and busy > 0.0:
+            if full:
+                self._last = self._last_saturated = done / busy
+            else:  # a half-fed worker: its full batches would do at least as well as last time
+                self._last = max(done / busy, self._last_saturated)
+        return self._last
 
 
 class SharedLoad:

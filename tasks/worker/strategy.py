@@ -300,12 +300,14 @@ class BatchingStrategy:
             batches = self.assembler.take(now, max(0, free), busy, queue_slots=queue)
             if not batches:
                 break
+            # More requests waiting behind these batches: they show what the worker does saturated.
+            backlogged = len(self.assembler) > 0
             for key, items in batches:
                 live = [item for item in items if not item[0].revoked()]
                 if len(live) < len(items):  # revoked or past the deadline: never computed
                     self.meter.left(len(items) - len(live), completed=0)
                 if live:
-                    self.dispatch(live, key)
+                    self.dispatch(live, key, saturated=backlogged or self._full(key, items))
         self._arm_timer(now)
         self._publish_load(now)
 
@@ -316,9 +318,18 @@ class BatchingStrategy:
             self._published = now
             shared.publish(self.meter, from_consumer=True)
 
-    def dispatch(self, items: list[tuple[Any, float, int]], key: Hashable = None) -> None:
+    def _full(self, key: Hashable, items: list[tuple[Any, float, int]]) -> bool:
+        """Whether a batch of ``key`` left at its model's cap."""
+        if not isinstance(key, tuple) or key[0] == ALONE:
+            return False
+        return sum(n for _, _, n in items) >= self.policy(key).max_batch_size
+
+    def dispatch(
+        self, items: list[tuple[Any, float, int]], key: Hashable = None, saturated: bool = False
+    ) -> None:
         """One pool job for ``items`` (request, arrival, samples) of ``key``; Celery's request
-        handlers for each when it is done."""
+        handlers for each when it is done.  ``saturated``: it left full, or others wait behind it
+        (its rate is what the worker does under load)."""
         reqs = [req for req, _, _ in items]
         batch_samples = sum(n for _, _, n in items)
         payload = [(req.request_dict, req.message.payload[2] or {}, at) for req, at, _ in items]
@@ -350,7 +361,9 @@ class BatchingStrategy:
             # Its service time: from the later of its dispatch and the pool's previous result.
             now = self.clock()
             service_s = now - max(dispatched, self._last_job_end)
-            self.meter.served(served, service_s)
+            # Every request it finished left the queue (one dropped past its deadline just
+            # before the forward pass too): the rate a backlog drains at.
+            self.meter.served(len(reqs), service_s, saturated)
             self._last_job_end = now
             if served and isinstance(key, tuple) and key[0] != ALONE:
                 self._observe(key, service_s * 1000.0 / batch_samples)

@@ -190,7 +190,7 @@ def test_admission_refuses_a_deadline_shorter_than_the_expected_wait(
         name, [direct_queue(fallback, name), fallback], env=env, preload=("mlp",)
     ).wait_ready()
     settings = replace(app.infer_settings, registry_namespace=name, heartbeat_s=1.0)
-    assert settings.admission and settings.admission_margin == 0.25
+    assert settings.admission and settings.admission_margin == 0.5
     router = _router(settings, worker.hostname, monkeypatch)
     # Slow work queued on it (tasks.diag.sleep stands in for long requests): it measures its
     # service rate (about 2.5 requests/s) and advertises its backlog.

@@ -43,9 +43,9 @@ def test_the_estimate_drains_since_the_heartbeat_and_counts_this_clients_sends()
     admission = Admission(clock=clock)
     w = worker("a", service_rate=100.0, backlog=49)
     assert admission.expected_wait(w).pending == pytest.approx(29)
-    admission.routed(w.name, now=T0 - 0.1)  # before the beat: already in its backlog
+    admission.routed(w, now=T0 - 0.1)  # before the beat: already in its backlog
     for _ in range(10):  # routed by this client after the beat
-        admission.routed(w.name, now=T0 + 0.1)
+        admission.routed(w, now=T0 + 0.1)
     assert admission.expected_wait(w).pending == pytest.approx(39)
     # The next beat (backlog measured again) replaces this client's count.
     newer = worker("a", service_rate=100.0, backlog=5, heartbeat=T0 + 0.15)
@@ -53,6 +53,39 @@ def test_the_estimate_drains_since_the_heartbeat_and_counts_this_clients_sends()
     assert admission.expected_wait(
         worker("a", service_rate=100.0, backlog=49)
     ).pending == pytest.approx(29)
+
+
+def test_an_idle_worker_with_an_old_heartbeat_is_not_credited_with_draining_new_sends() -> None:
+    """Requests routed in the last moment have not been drained for the heartbeat's whole age:
+    backlog + sent - rate x age admitted 366 at once at the start of the lane's 4x level."""
+    clock = Clock(T0 + 1.8)  # the record is 1.8 s old; the worker was idle at the beat
+    admission = Admission(margin=0.25, clock=clock)
+    w = worker("a", service_rate=200.0, backlog=0, batch_s=0.1)
+    admitted = 0
+    for i in range(500):  # 500 requests in 50 ms, each with 500 ms left
+        clock.t = T0 + 1.8 + i * 0.0001
+        if admission.expected_wait(w).fits(0.5, admission.margin):
+            admission.routed(w)
+            admitted += 1
+    # (pending / 200 + 0.1) x 1.25 <= 0.5: 60 pending, plus the 9 drained while they came.
+    assert 60 <= admitted <= 71, admitted
+    assert admission.expected_wait(w).pending == pytest.approx(60, abs=1.0)
+    clock.t += 0.2  # 0.2 s later, 40 of them have been served
+    assert admission.expected_wait(w).pending == pytest.approx(20, abs=1.0)
+
+
+def test_a_request_s_own_batch_is_at_most_its_share_of_the_time_left() -> None:
+    """The worker caps a deadline request's batch at INFER_BATCH_DEADLINE_SHARE of its budget:
+    long batches of requests without a deadline must not make every deadline request refused
+    (nothing admitted, nothing served, the figures never change)."""
+    w = worker("a", service_rate=178.0, backlog=0, batch_s=0.36)  # after 64-request batches
+    capped = Admission(margin=0.5, clock=Clock(), batch_share=0.25)
+    assert capped.expected_wait(w, left=0.5).wait_s == pytest.approx(0.125)
+    assert capped.choose(w, [w], T0 + 0.5) is w
+    uncapped = Admission(margin=0.5, clock=Clock())
+    with pytest.raises(Overloaded):
+        uncapped.choose(w, [w], T0 + 0.5)  # 0.36 x 1.5 > 0.5
+    assert capped.expected_wait(w).wait_s == pytest.approx(0.36)  # no deadline: its batches
 
 
 def test_an_unmeasured_worker_is_admitted() -> None:
@@ -147,6 +180,31 @@ def test_service_meter_prefers_pool_job_service_time_over_busy_time() -> None:
         meter.served(10, 0.05)  # 10 requests in a 50 ms batch, once a second
     assert meter.rate() == pytest.approx(200.0)
     assert meter.batch_s == pytest.approx(0.05)
+
+
+def test_service_meter_counts_saturated_jobs_and_a_half_fed_worker_keeps_their_rate() -> None:
+    """Small batches of a half-fed worker are slower per request; advertising their rate made
+    admission refuse more, which fed the worker less.  Saturated jobs say what it can do."""
+    clock = Clock(0.0)
+    meter = ServiceMeter(window_s=10.0, clock=clock)
+    for _ in range(5):
+        clock.t += 0.3
+        meter.served(60, 0.3, saturated=True)  # full batches: 200 req/s
+        meter.served(2, 0.03)  # a small one in between: 67 req/s, not counted beside them
+    assert meter.rate() == pytest.approx(200.0)
+    clock.t += 11.0  # the saturated jobs slide out; the worker is now fed in small batches
+    for _ in range(5):
+        clock.t += 0.1
+        meter.served(2, 0.03)
+    assert meter.rate() == pytest.approx(200.0)  # what its full batches did last time
+    clock.t += 11.0
+    for _ in range(5):
+        clock.t += 0.3
+        meter.served(60, 0.5, saturated=True)  # slower now (another process on the core)
+    assert meter.rate() == pytest.approx(120.0)  # saturated jobs always win: it fell
+    fresh = ServiceMeter(window_s=10.0, clock=clock)
+    fresh.served(2, 0.03)  # never saturated: all its jobs
+    assert fresh.rate() == pytest.approx(2 / 0.03)
 
 
 def test_the_estimate_counts_the_requests_own_batch() -> None:

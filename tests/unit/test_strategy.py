@@ -373,3 +373,17 @@ def test_a_request_joins_only_a_batch_that_fits_its_deadline() -> None:
     while len(strategy.assembler) or strategy.in_flight:
         next(j for j in consumer.pool.jobs if not j.done).finish()
     assert next(len(j.ids) for j in consumer.pool.jobs if j.ids[0].startswith("n")) == 30
+
+
+def test_a_batch_that_leaves_full_or_with_others_behind_it_is_measured_as_saturated() -> None:
+    strategy, consumer, clock = make(INFER_MAX_BATCH_SIZE="3")
+    strategy.collect(FakeRequest("alone-at-first", SAMPLE))  # an idle worker: not saturated
+    for i in range(5):
+        strategy.collect(FakeRequest(f"t{i}", SAMPLE))  # t0-t2 full, queued behind it
+    for job in consumer.pool.jobs[:2]:
+        clock.now += 0.01
+        job.finish()
+    clock.now += 0.01
+    consumer.pool.jobs[2].finish()  # t3, t4: not full, nothing behind them
+    assert [len(j.ids) for j in consumer.pool.jobs] == [1, 3, 2]
+    assert [saturated for *_, saturated in strategy.meter._jobs] == [False, True, False]
