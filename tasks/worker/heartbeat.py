@@ -12,6 +12,15 @@ share of its class queue (ready messages over the class queue's consumers);
 ``accepting`` (false while it cannot consume) and ``queue_heads`` (the queue
 wait of the latest message it took from each queue) come from
 :mod:`tasks.worker.load`.
+**It beats early when its load moves**: admission control reckons each
+worker's pending requests between beats from the advertised rate, and an
+admitted request is as late as that reckoning is wrong, so a worker whose
+consumer's figures moved (the wait its outstanding requests imply, by more
+than :data:`LOAD_MOVED_S`, or its service rate by more than a tenth) beats at
+once, at most every 0.25 s, instead of waiting out ``INFER_HEARTBEAT_S``.
+(The overload lane's 4x level began with a second of late replies: the
+worker's rate under the new load fell 15% below the one it had advertised.)
+
 The first beat is made in :meth:`Heartbeat.start` itself, synchronously, so
 in a prefork child it lands inside ``worker_process_init``, which the main
 process waits for before it starts consuming and logs "ready."
@@ -39,7 +48,9 @@ from tasks.worker.running import meter, running_tasks
 if TYPE_CHECKING:
     from tasks.settings import Settings
 
-__all__ = ["Heartbeat"]
+__all__ = ["LOAD_MOVED_S", "Heartbeat"]
+
+LOAD_MOVED_S = 0.1  # a move of the implied wait (outstanding / rate) that is worth a beat now
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +85,7 @@ class Heartbeat:
         # connection is not thread-safe (two readers desync its frames and hang the child).
         self._beating = threading.Lock()
         self._broker_reachable = True
+        self._advertised_load: tuple[float, int] | None = None  # (rate, outstanding) last beat
 
     def capabilities(self) -> WorkerCapabilities:
         """This worker's record, measured now."""
@@ -115,6 +127,7 @@ class Heartbeat:
             rate, outstanding, batch_s = meter().rate(), running_tasks(), meter().batch_s
         else:
             rate, batch_s = shared.rate, shared.batch_s
+            self._advertised_load = (rate, outstanding)
         consuming = self.consuming()
         if consuming != self._was_consuming:
             log.warning(
@@ -164,11 +177,27 @@ class Heartbeat:
     def consuming(self) -> bool:
         return self._consuming() if self._consuming is not None else True
 
+    def load_moved(self) -> bool:
+        """Whether the consumer's figures moved enough since the last beat to beat now."""
+        shared, last = load.shared(), self._advertised_load
+        if shared is None or last is None:
+            return False
+        rate, outstanding = shared.rate, shared.outstanding
+        last_rate, last_outstanding = last
+        if outstanding is None or rate <= 0.0 or last_rate <= 0.0:
+            return False
+        wait_moved = abs(outstanding / rate - last_outstanding / last_rate) > LOAD_MOVED_S
+        return wait_moved or abs(rate - last_rate) > 0.1 * last_rate
+
     def _loop(self) -> None:
-        # Every period, and at once when the consumer stops or starts consuming.
+        # Every period; at once when the consumer stops or starts consuming, or its load moved.
         due = time.monotonic() + self.settings.heartbeat_s
         while not self._stop.wait(min(0.25, self.settings.heartbeat_s)):
-            if time.monotonic() >= due or self.consuming() != self._was_consuming:
+            if (
+                time.monotonic() >= due
+                or self.consuming() != self._was_consuming
+                or self.load_moved()
+            ):
                 self.beat()
                 due = time.monotonic() + self.settings.heartbeat_s
 

@@ -147,3 +147,49 @@ def test_the_record_advertises_backlog_rate_and_whether_it_accepts(
         first.backlog == 3 + 2 + 3 and first.accepting and first.queue_heads == {"cpu": [0.5, 7.0]}
     )
     assert not second.accepting  # its consumer stopped: routers and probes see it
+
+
+def test_a_worker_whose_load_moved_beats_before_its_period(monkeypatch: Any) -> None:
+    """Admission control reckons pending requests from the last beat: when the wait a worker's
+    outstanding requests imply moves by more than LOAD_MOVED_S, or its rate by a tenth, it
+    beats at once (from its 0.25 s loop) instead of waiting out INFER_HEARTBEAT_S."""
+    from tasks.worker import heartbeat, load
+
+    shared = load.SharedLoad(["mlp"], ["cpu.direct.w", "cpu"])
+    clock = [0.0]
+    meter = load.ServiceMeter(clock=lambda: clock[0])
+    meter.served(100, 1.0, saturated=True)  # 100 req/s
+    meter.arrived(10)  # 0.1 s of work
+    shared.publish(meter, from_consumer=True)
+    monkeypatch.setattr(heartbeat.load, "shared", lambda: shared)
+    store = _Store()
+    beat = _heartbeat(lambda: 0, store)
+    assert not beat.load_moved()  # nothing advertised yet: the period decides
+    beat.beat()
+    assert not beat.load_moved()
+    meter.arrived(5)  # 0.15 s: moved by 0.05 s, not worth a beat
+    shared.publish(meter, from_consumer=True)
+    assert not beat.load_moved()
+    meter.arrived(10)  # 0.25 s: moved by 0.15 s
+    shared.publish(meter, from_consumer=True)
+    assert beat.load_moved()
+    beat.beat()
+    assert not beat.load_moved() and store.published[-1].backlog == 25
+    clock[0] += 0.5
+    meter.served(100, 1.25, saturated=True)  # the window now: 200 in 2.25 s, 89 req/s
+    shared.publish(meter, from_consumer=True)
+    assert beat.load_moved()  # the rate fell by more than a tenth
+    # The loop beats early: with a 60 s period, a moved load is published within its tick.
+    beat.beat()
+    meter.arrived(30)
+    shared.publish(meter, from_consumer=True)
+    before = len(store.published)
+    beat.settings = Settings(max_in_flight=4, heartbeat_s=60.0)
+    loop = threading.Thread(target=beat._loop, daemon=True)
+    loop.start()
+    deadline = time.monotonic() + 5
+    while len(store.published) == before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    beat._stop.set()
+    loop.join(timeout=2)
+    assert len(store.published) > before and store.published[-1].backlog == 55
