@@ -104,7 +104,6 @@ import contextlib
 import json
 import os
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -113,20 +112,10 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
-import psutil
-
-from benchmarks.cpu import CpuMeter, Group, descendants, own
-from benchmarks.lanes.base import (
-    Lane,
-    LaneContext,
-    RoundConfig,
-    delete_queues,
-    rss_mb,
-    run_alone,
-    services,
-)
+from benchmarks.lanes.base import Lane, LaneContext, RoundConfig, run_alone
+from benchmarks.lanes.client_fleet import READY_TIMEOUT_S, ClientFleet
 from benchmarks.lanes.open_loop import poisson_schedule
 from benchmarks.lanes.scaling import cores
 from benchmarks.stats import percentiles, ratio
@@ -159,7 +148,6 @@ __all__ = [
 LEVELS = (0.5, 1.0, 2.0, 4.0)  # offered load, multiples of the fleet's measured capacity
 MODES = ("admission", "no_admission")  # INFER_ADMISSION=true / false in the clients
 DEADLINE_MS = 500.0
-READY_TIMEOUT_S = 180.0
 DRAIN_S = 120.0  # after its last send, a client waits this long for results (then: lost)
 LAG_LIMIT_S = 1.0  # a request due this long ago is skipped (unsent): the client catches up
 POLL_S = 0.05  # longest read of result messages between two looks at the clock
@@ -783,115 +771,44 @@ def goodput_ratio(
     return ratio(by.get(high), by.get(low))
 
 
-def _busy_s(times: Any) -> float:
-    fields = ("user", "nice", "system", "irq", "softirq", "steal")
-    return float(sum(getattr(times, f, 0.0) for f in fields))
-
-
-def _read_line(proc: subprocess.Popen[str], deadline: float, what: str) -> str:
-    """One line from a client's stdout by ``deadline`` (epoch), else RuntimeError."""
-    import select
-
-    stdout = proc.stdout
-    assert stdout is not None
-    while True:
-        left = deadline - time.time()
-        if left <= 0 or not select.select([stdout], [], [], left)[0]:
-            raise RuntimeError(f"overload client {proc.pid}: no {what} in time")
-        line = stdout.readline()
-        if not line:
-            raise RuntimeError(f"overload client {proc.pid} exited ({proc.poll()}) before {what}")
-        if line.strip():
-            return line
-
-
-def _union(groups: Sequence[Group]) -> Group:
-    return lambda: {k: v for g in groups for k, v in g().items()}
-
-
-class _Fleet:
+class _Fleet(ClientFleet):
     """One mode's fleet: batching workers in a namespace and class queue of their own, and the
     client processes (``INFER_ADMISSION`` on or off) that load them."""
 
     def __init__(self, ctx: LaneContext, mode: str, options: Options) -> None:
-        self.mode, self.options, self.ctx = mode, options, ctx
+        self.mode, self.options = mode, options
         tag = "on" if mode == "admission" else "off"
-        self.queue = f"bench-overload-{tag}-{ctx.run}"  # the class queue; the registry namespace
-        self.env = dict(
+        queue = f"bench-overload-{tag}-{ctx.run}"  # the class queue; the registry namespace
+        env = dict(
             os.environ,
-            INFER_REGISTRY_NAMESPACE=self.queue,
+            INFER_REGISTRY_NAMESPACE=queue,
             INFER_BATCHING="true",
             INFER_METRICS_PORT="0",  # nothing scrapes them; two fleets would share one port
             INFER_ADMISSION="true" if mode == "admission" else "false",
         )
-        self.workers = [
+        workers = [
             WorkerProcess(
                 name,
                 options.device,
                 logdir=ctx.logdir,
-                queues=[direct_queue(self.queue, name), self.queue],
+                queues=[direct_queue(queue, name), queue],
                 preload=(options.model,),
                 batching=True,
-                env=self.env,
+                env=env,
             )
             for name in (f"bench-ov{tag}{i}-{ctx.run}" for i in range(options.workers))
         ]
-        self.clients: list[subprocess.Popen[str]] = []
-        self._logs: list[IO[str]] = []
-        self.meter: CpuMeter | None = None
-
-    def start(self) -> None:
-        for w in self.workers:
-            w.start()
+        super().__init__(ctx, "overload", queue, env, workers)
 
     def start_clients(self) -> None:
         for w in self.workers:
             w.wait_ready(READY_TIMEOUT_S)
-        argv = [sys.executable, "-m", "benchmarks.lanes.overload", "--model", self.options.model]
+        argv = ["benchmarks.lanes.overload", "--model", self.options.model]
         argv += ["--hosts", ",".join(w.hostname for w in self.workers)]
         if self.options.trace is not None:
             self.options.trace.mkdir(parents=True, exist_ok=True)
             argv += ["--trace", str(self.options.trace)]
-        for i in range(self.options.clients):
-            log = (self.ctx.logdir / f"overload-client-{self.mode}-{i}.log").open("w")
-            self._logs.append(log)
-            self.clients.append(
-                subprocess.Popen(
-                    [*argv, "--seed", str(i)],
-                    stdin=subprocess.PIPE,
-                    stdout=subprocess.PIPE,
-                    stderr=log,
-                    text=True,
-                    env=self.env,
-                )
-            )
-
-    def wait_clients(self) -> None:
-        deadline = time.time() + READY_TIMEOUT_S
-        for client in self.clients:
-            if not _read_line(client, deadline, "READY").startswith("READY"):
-                raise RuntimeError(f"overload client {client.pid} did not say READY")
-        svc = services(self.ctx)
-        mains = [psutil.Process(w.pid) for w in self.workers]
-        groups: dict[str, Group] = {
-            "client": _union([own(psutil.Process(c.pid)) for c in self.clients]),
-            "worker_main": _union([own(p) for p in mains]),
-            "worker_child": _union([descendants(p) for p in mains]),
-            "rabbitmq": own(svc["rabbitmq"]),
-            "redis": own(svc["redis"]),
-        }
-        self.meter = CpuMeter(groups)
-
-    def send(self, lines: Sequence[str]) -> None:
-        """One command line to each client (``lines[i]`` to client i)."""
-        for client, line in zip(self.clients, lines, strict=True):
-            assert client.stdin is not None
-            client.stdin.write(line + "\n")
-            client.stdin.flush()
-
-    def reports(self, timeout: float, what: str) -> list[dict[str, Any]]:
-        deadline = time.time() + timeout
-        return [json.loads(_read_line(c, deadline, what)) for c in self.clients]
+        self.spawn(argv, self.options.clients, lambda i: f"overload-client-{self.mode}-{i}.log")
 
     def capacity(self, window: int) -> float:
         """Req/s of a closed-loop saturation, ``window`` in flight in all, no deadline."""
@@ -900,12 +817,11 @@ class _Fleet:
         t1 = t0 + opts.capacity_s
         per_client = max(1, -(-window // len(self.clients)))
         self.send([f"SAT {t0!r} {t1!r} {per_client}"] * len(self.clients))
-        reports = self.reports(t1 - time.time() + 150.0, "capacity")
+        reports = self.reports(t1 + 150.0, "capacity")
         return sum(int(r["completed"]) for r in reports) / (t1 - t0)
 
     def level(self, factor: float, capacity: float, seed: int) -> PointRound:
         """One level's open loop through the clients; CPU read over its send window."""
-        assert self.meter is not None
         opts, n = self.options, len(self.clients)
         rate = factor * capacity
         t0 = time.time() + 0.5
@@ -915,40 +831,9 @@ class _Fleet:
                 for i in range(n)
             ]
         )
-        while (left := t0 - time.time()) > 0:
-            time.sleep(left)
-        self.meter.start()
-        machine = _busy_s(psutil.cpu_times())
-        while (left := t0 + opts.seconds - time.time()) > 0:
-            time.sleep(min(left, 0.5))
-        cpu_s = self.meter.stop()
-        machine = _busy_s(psutil.cpu_times()) - machine
-        reports = self.reports(LAG_LIMIT_S + DRAIN_S + 60.0, "report")
+        cpu_s, machine = self.cpu_over(t0, t0 + opts.seconds)
+        reports = self.reports(time.time() + LAG_LIMIT_S + DRAIN_S + 60.0, "report")
         return merge_reports(factor, rate, opts.seconds, reports, cpu_s, machine)
-
-    def rss(self) -> tuple[float | None, float | None]:
-        """The largest worker's and the largest client's resident memory, MB."""
-        workers = [rss_mb(w.pid) for w in self.workers if w.alive()]
-        clients = [rss_mb(c.pid, children=False) for c in self.clients if c.poll() is None]
-        return max(workers, default=None), max(clients, default=None)
-
-    def close(self) -> None:
-        for client in self.clients:
-            if client.poll() is None and client.stdin is not None:
-                with contextlib.suppress(OSError):
-                    client.stdin.write("EXIT\n")
-                    client.stdin.close()
-        for client in self.clients:
-            try:
-                client.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                client.kill()
-                client.wait()
-        for log in self._logs:
-            log.close()
-        for w in self.workers:
-            w.stop()
-        delete_queues([self.queue, *(w.own_queue for w in self.workers)])
 
 
 class OverloadLane(Lane):

@@ -63,29 +63,18 @@ import contextlib
 import json
 import math
 import os
-import select
 import statistics
-import subprocess
 import sys
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
-import psutil
-
-from benchmarks.cpu import CpuMeter, Group, descendants, own, per_request_ms
-from benchmarks.lanes.base import (
-    Lane,
-    LaneContext,
-    RoundConfig,
-    delete_queues,
-    rss_mb,
-    run_alone,
-    services,
-)
+from benchmarks.cpu import per_request_ms
+from benchmarks.lanes.base import Lane, LaneContext, RoundConfig, run_alone
+from benchmarks.lanes.client_fleet import READY_TIMEOUT_S, ClientFleet
 from benchmarks.stats import percentiles, ratio
 from routing.queues import direct_queue
 from tasks.ops.launcher import WorkerProcess
@@ -111,7 +100,6 @@ __all__ = [
 
 DEFAULT_WORKERS = (1, 2, 4)
 ROUTER_COUNTS = ("decisions", "sticky_hits", "spills", "misses", "fallbacks", "errors")
-READY_TIMEOUT_S = 180.0  # every fleet's workers boot at once
 DRAIN_S = 60.0  # a client waits this long after t1 for what it has in flight
 POLL_S = 0.05  # a client's longest wait for a result before it looks again
 TIMING = ("queue_wait_ms", "service_ms")  # of the reply's timing, kept per request
@@ -401,140 +389,42 @@ def _pooled(samples: list[float]) -> dict[str, float] | None:
     return percentiles(samples) if len(samples) >= 2 else None
 
 
-def _busy_s(times: Any) -> float:
-    """Busy CPU seconds of a ``psutil.cpu_times()`` (idle and iowait left out; guest is in user)."""
-    fields = ("user", "nice", "system", "irq", "softirq", "steal")
-    return float(sum(getattr(times, f, 0.0) for f in fields))
-
-
-def _sleep_until(t: float) -> None:
-    while (left := t - time.time()) > 0:
-        time.sleep(min(left, 0.5))
-
-
-def _read_line(proc: subprocess.Popen[str], deadline: float, what: str) -> str:
-    """One line from a client's stdout by ``deadline`` (epoch), else RuntimeError."""
-    stdout = proc.stdout
-    assert stdout is not None
-    while True:
-        left = deadline - time.time()
-        if left <= 0 or not select.select([stdout], [], [], left)[0]:
-            raise RuntimeError(f"scaling client {proc.pid}: no {what} in time")
-        line = stdout.readline()
-        if not line:
-            raise RuntimeError(f"scaling client {proc.pid} exited ({proc.poll()}) before {what}")
-        if line.strip():
-            return line
-
-
-class _Fleet:
+class _Fleet(ClientFleet):
     """``n`` workers in a namespace and class queue of their own, and the clients that load them."""
 
     def __init__(self, ctx: LaneContext, n: int, options: Options) -> None:
-        self.n, self.options, self.ctx = n, options, ctx
-        self.queue = f"bench-scale{n}-{ctx.run}"  # the class queue; also the registry namespace
-        self.env = dict(os.environ, INFER_REGISTRY_NAMESPACE=self.queue, INFER_BATCHING="false")
-        self.workers = [
+        self.n, self.options = n, options
+        queue = f"bench-scale{n}-{ctx.run}"  # the class queue; also the registry namespace
+        env = dict(os.environ, INFER_REGISTRY_NAMESPACE=queue, INFER_BATCHING="false")
+        workers = [
             WorkerProcess(
                 name,
                 options.device,
                 logdir=ctx.logdir,
-                queues=[direct_queue(self.queue, name), self.queue],
+                queues=[direct_queue(queue, name), queue],
                 preload=(options.model,),
-                env=self.env,
+                env=env,
             )
             for name in (f"bench-s{n}w{i}-{ctx.run}" for i in range(n))
         ]
-        self.clients: list[subprocess.Popen[str]] = []
-        self._logs: list[IO[str]] = []
-        self.meter: CpuMeter | None = None
-
-    def start(self) -> None:
-        for w in self.workers:
-            w.start()
+        super().__init__(ctx, "scaling", queue, env, workers)
 
     def start_clients(self) -> None:
         hosts = ",".join(w.hostname for w in self.workers)
-        argv = [sys.executable, "-m", "benchmarks.lanes.scaling", "--model", self.options.model]
+        argv = ["benchmarks.lanes.scaling", "--model", self.options.model]
         argv += ["--window", str(self.options.window_for(self.n)), "--hosts", hosts]
-        for i in range(self.options.clients_for(self.n)):
-            log = (self.ctx.logdir / f"scaling-client-{self.n}w-{i}.log").open("w")
-            self._logs.append(log)
-            self.clients.append(
-                subprocess.Popen(
-                    [*argv, "--seed", str(i)],
-                    stdin=subprocess.PIPE,
-                    stdout=subprocess.PIPE,
-                    stderr=log,
-                    text=True,
-                    env=self.env,
-                )
-            )
-
-    def wait_clients(self) -> None:
-        deadline = time.time() + READY_TIMEOUT_S
-        for client in self.clients:
-            if not _read_line(client, deadline, "READY").startswith("READY"):
-                raise RuntimeError(f"scaling client {client.pid} did not say READY")
-        svc = services(self.ctx)
-        clients = [psutil.Process(c.pid) for c in self.clients]
-        mains = [psutil.Process(w.pid) for w in self.workers]
-        groups: dict[str, Group] = {
-            "client": _union([own(p) for p in clients]),
-            "worker_main": _union([own(p) for p in mains]),
-            "worker_child": _union([descendants(p) for p in mains]),
-            "rabbitmq": own(svc["rabbitmq"]),
-            "redis": own(svc["redis"]),
-        }
-        self.meter = CpuMeter(groups)
+        self.spawn(
+            argv, self.options.clients_for(self.n), lambda i: f"scaling-client-{self.n}w-{i}.log"
+        )
 
     def measure(self) -> PointRound:
         """One point: GO to every client, CPU read over [t0, t1], their reports merged."""
-        assert self.meter is not None
         t0 = time.time() + self.options.warm_s
         t1 = t0 + self.options.seconds
-        for client in self.clients:
-            assert client.stdin is not None
-            client.stdin.write(f"GO {t0!r} {t1!r}\n")
-            client.stdin.flush()
-        _sleep_until(t0)
-        self.meter.start()
-        machine = _busy_s(psutil.cpu_times())
-        _sleep_until(t1)
-        cpu_s = self.meter.stop()
-        machine = _busy_s(psutil.cpu_times()) - machine
-        deadline = t1 + DRAIN_S + 30.0
-        reports = [json.loads(_read_line(c, deadline, "report")) for c in self.clients]
+        self.send([f"GO {t0!r} {t1!r}"] * len(self.clients))
+        cpu_s, machine = self.cpu_over(t0, t1)
+        reports = self.reports(t1 + DRAIN_S + 30.0, "report")
         return merge_reports(self.n, t1 - t0, reports, cpu_s, machine)
-
-    def rss(self) -> tuple[float | None, float | None]:
-        """The largest worker's and the largest client's resident memory, MB."""
-        workers = [rss_mb(w.pid) for w in self.workers if w.alive()]
-        clients = [rss_mb(c.pid, children=False) for c in self.clients if c.poll() is None]
-        return max(workers, default=None), max(clients, default=None)
-
-    def close(self) -> None:
-        for client in self.clients:
-            if client.poll() is None and client.stdin is not None:
-                with contextlib.suppress(OSError):
-                    client.stdin.write("EXIT\n")
-                    client.stdin.close()
-        for client in self.clients:
-            try:
-                client.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                client.kill()
-                client.wait()
-        for log in self._logs:
-            log.close()
-        for w in self.workers:
-            w.stop()
-        delete_queues([self.queue, *(w.own_queue for w in self.workers)])
-
-
-def _union(groups: Sequence[Group]) -> Group:
-    """One group of several (their keys are pids: distinct)."""
-    return lambda: {k: v for g in groups for k, v in g().items()}
 
 
 class ScalingLane(Lane):
