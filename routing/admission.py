@@ -38,8 +38,9 @@ generator takes CPU from the worker), and an admitted request is exactly as
 late as the reckoning was wrong.  With 0.25, 7% of the requests at 4x were
 late or expired and goodput was 0.71 of 1x's; with 0.5, 1.7% and 0.82 (same
 machine, one round each).  It costs no throughput while the wait it allows
-still holds a batch or two ahead of the forward pass.  A worker that has not measured its rate yet (no
-work done since it started) is admitted: no data is not evidence of overload.
+still holds a batch or two ahead of the forward pass.  A worker that has not
+measured its rate yet (no work done since it started) is admitted: no data is
+not evidence of overload.
 
 What it does not see: requests routed by *other* clients since the last
 heartbeat (each client counts only its own; the next beat, every

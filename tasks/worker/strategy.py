@@ -117,6 +117,11 @@ def batching(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Any:
     return default(task, app, _Collecting(consumer, strategy.collect), **kwargs)
 
 
+def _model_key(key: Hashable) -> bool:
+    """Whether ``key`` is a model's batch key, not that of a request queued alone."""
+    return isinstance(key, tuple) and key[0] != ALONE
+
+
 def discard_waiting(consumer: Any) -> int:
     """Drop every request waiting in a batch (the channel is gone); how many were dropped."""
     registry = getattr(consumer, "batching_strategies", None) or {}
@@ -320,12 +325,12 @@ class BatchingStrategy:
 
     def _full(self, key: Hashable, items: list[tuple[Any, float, int]]) -> bool:
         """Whether a batch of ``key`` left at its model's cap."""
-        if not isinstance(key, tuple) or key[0] == ALONE:
+        if not _model_key(key):
             return False
         return sum(n for _, _, n in items) >= self.policy(key).max_batch_size
 
     def dispatch(
-        self, items: list[tuple[Any, float, int]], key: Hashable = None, saturated: bool = False
+        self, items: list[tuple[Any, float, int]], key: Hashable, saturated: bool = False
     ) -> None:
         """One pool job for ``items`` (request, arrival, samples) of ``key``; Celery's request
         handlers for each when it is done.  ``saturated``: it left full, or others wait behind it
@@ -365,7 +370,7 @@ class BatchingStrategy:
             # before the forward pass too): the rate a backlog drains at.
             self.meter.served(len(reqs), service_s, saturated)
             self._last_job_end = now
-            if served and isinstance(key, tuple) and key[0] != ALONE:
+            if served and _model_key(key):
                 self._observe(key, service_s * 1000.0 / batch_samples)
             for req, outcome in zip(reqs, outcomes, strict=True):
                 self._safely(req.on_success, req, outcome)
